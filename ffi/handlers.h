@@ -1,0 +1,15 @@
+// Every XLA FFI handler jaxinfra defines. A handler's symbol is its custom-call
+// target name plus the platform: target "jaxinfra_<op>" is served on CPU by
+// "jaxinfra_<op>_cpu" and on CUDA by "jaxinfra_<op>_cuda". The table that
+// registers them is in module.cc.
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_token_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_block_cpu);
+
+#ifdef JAXINFRA_WITH_CUDA
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_token_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_block_cuda);
+#endif

@@ -1,0 +1,141 @@
+"""``jaxinfra doctor``: what this installation provides, and whether it works.
+
+Prints versions (jaxinfra, Python, jax, jaxlib, CUDA), devices, how the
+extension was built, which custom calls are registered on which platform and
+which of them ``impl="auto"`` selects; then runs every custom call available on
+the default backend against its ``xla`` path. Exit status 0 when everything
+that is present works, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import platform as platform_lib
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+import jaxinfra
+from jaxinfra import _custom_call
+from jaxinfra import quant
+
+_PLATFORMS = ("cpu", "cuda")
+
+
+def _quant_self_test(fn: Callable) -> Callable[[], bool]:
+  def check() -> bool:
+    x = jax.random.normal(jax.random.key(0), (3, 200), jnp.float32) * 10
+    got = fn(x, impl="ffi")
+    want = fn(x, impl="xla")
+    return all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+               for a, b in zip(got, want))
+  return check
+
+
+# op -> check() comparing impl="ffi" with impl="xla" on the default backend.
+_SELF_TESTS: dict[str, Callable[[], bool]] = {
+    "quantize_per_token": _quant_self_test(quant.quantize_per_token),
+    "quantize_per_block": _quant_self_test(
+        lambda x, impl: quant.quantize_per_block(x, (32, 128), impl=impl)),
+}
+
+
+def _devices() -> list[str]:
+  lines = []
+  for name in ("cpu", "cuda", "rocm", "tpu"):
+    devices = _custom_call.devices(name)
+    if devices:
+      kinds = sorted({d.device_kind for d in devices})
+      lines.append(f"{name}: {len(devices)} x {', '.join(kinds)}")
+  return lines
+
+
+def _cell(call: _custom_call.CustomCall, platform: str) -> str:
+  if platform not in _custom_call.registered_platforms(call):
+    return "-"
+  if _custom_call.is_disabled(call):
+    return "disabled (kill switch)"
+  if not _custom_call.devices(platform):
+    return f"built (no {platform} device)"
+  if platform not in _custom_call.available_platforms(call):
+    return "built, not for this GPU" if platform == "cuda" else "unavailable"
+  if platform in call.verified:
+    return "auto"
+  return "ffi only (unverified)"
+
+
+def _format_build(build: dict) -> tuple[str, str]:
+  major, minor = build["xla_ffi_api_version"]
+  extension = (f"built against jaxlib {build['jaxlib_headers_version']} headers "
+               f"(XLA FFI API {major}.{minor}) with {build['compiler']}")
+  if build["cuda"]:
+    cuda = f"built: CUDA {build['cuda_version']} for {', '.join(build['cuda_architectures'])}"
+  else:
+    cuda = "not built"
+  return extension, cuda
+
+
+def run(self_test: bool = True, out=None) -> int:
+  """Prints the report; returns the exit status."""
+  out = out or sys.stdout
+  ok = True
+
+  def line(label: str, value: str) -> None:
+    print(f"  {label:<12} {value}", file=out)
+
+  print("jaxinfra doctor", file=out)
+  line("jaxinfra", f"{jaxinfra.__version__} ({os.path.dirname(jaxinfra.__file__)})")
+  line("python", f"{platform_lib.python_version()} ({sys.executable})")
+  runtime_api = _custom_call.runtime_ffi_api_version()
+  api = f"{runtime_api[0]}.{runtime_api[1]}" if runtime_api else "unknown"
+  line("jax", jax.__version__)
+  line("jaxlib", f"{jaxlib.__version__} (XLA FFI API {api})")
+  line("numpy", np.__version__)
+
+  error = _custom_call.extension_error()
+  build = _custom_call.build_info()
+  if build:
+    extension, cuda = _format_build(build)
+  else:
+    extension, cuda = "not importable", "unknown"
+  if error:
+    extension = f"{extension}; custom calls unavailable: {error}"
+    ok = False
+  line("extension", extension)
+  line("CUDA", cuda)
+  for i, text in enumerate(_devices()):
+    line("devices" if i == 0 else "", text)
+  line("default", f"{jax.default_backend()} ({_custom_call.current_platform()})")
+  switch = os.environ.get(_custom_call.KILL_SWITCH_ENV)
+  line("kill switch", f"{_custom_call.KILL_SWITCH_ENV}={switch}" if switch else
+       f"{_custom_call.KILL_SWITCH_ENV} unset")
+
+  calls = _custom_call.custom_calls()
+  width = max(len(c.target) for c in calls) + 2
+  print("\ncustom calls (auto: impl='auto' uses it; ffi only: impl='ffi' runs it, auto uses "
+        "xla; -: not built)", file=out)
+  print(f"  {'target':<{width}}" + "".join(f"{p:<26}" for p in _PLATFORMS), file=out)
+  for call in calls:
+    print(f"  {call.target:<{width}}" + "".join(f"{_cell(call, p):<26}" for p in _PLATFORMS),
+          file=out)
+
+  if self_test and not error:
+    current = _custom_call.current_platform()
+    print(f"\nself-test on {current} (impl='ffi' equals impl='xla' bit for bit)", file=out)
+    for call in calls:
+      if current not in _custom_call.available_platforms(call) or _custom_call.is_disabled(call):
+        print(f"  {call.op:<{width}} skipped (no custom call here)", file=out)
+        continue
+      try:
+        passed = _SELF_TESTS[call.op]()
+        result = "ok" if passed else "MISMATCH"
+      except Exception as e:  # pylint: disable=broad-except
+        passed, result = False, f"ERROR {type(e).__name__}: {e}"
+      ok = ok and passed
+      print(f"  {call.op:<{width}} {result}", file=out)
+  print("\n" + ("all good" if ok else "problems found (see above)"), file=out)
+  return 0 if ok else 1
