@@ -224,10 +224,11 @@ def test_shard_map_over_8_devices():
       assert_same_bits(g, wv)
 
 
-def lowered_text(fn, *args):
+def lowered_text(fn, *args, platform="cpu"):
   # A fresh function each time: jit caches traces per function, and the kill
   # switch is read when tracing.
-  return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+  traced = jax.jit(lambda *a: fn(*a)).trace(*args)
+  return traced.lower(lowering_platforms=(platform,)).as_text()
 
 
 def test_auto_uses_the_custom_call_on_cpu_and_the_kill_switch_turns_it_off(monkeypatch):
@@ -243,6 +244,17 @@ def test_auto_uses_the_custom_call_on_cpu_and_the_kill_switch_turns_it_off(monke
   assert target not in text
   monkeypatch.setenv("JAXINFRA_DISABLE_CUSTOM_CALLS", "all")
   assert "jaxinfra_quantize_per_block" not in lowered_text(quant.quantize_per_block, x)
+
+
+def test_auto_never_selects_cuda_kernels_that_were_not_verified_on_a_gpu():
+  # The GPU rule: CUDA code is selected by impl="auto" only after its tests passed
+  # on a GPU, which is recorded in `verified`.
+  x = np.ones((4, 256), np.float32)
+  for call, op in ((quant.QUANTIZE_PER_TOKEN, quant.quantize_per_token),
+                   (quant.QUANTIZE_PER_BLOCK, quant.quantize_per_block)):
+    if "cuda" not in call.verified:
+      assert call.target not in lowered_text(op, x, platform="cuda")
+    assert call.target in lowered_text(op, x, platform="cpu")
 
 
 @pytest.mark.parametrize("impl", ["ffi", "xla", "auto"])
