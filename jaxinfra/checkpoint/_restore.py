@@ -228,8 +228,10 @@ def _merge(starts: np.ndarray, length: int) -> list[tuple[int, int]]:
   return [(a, b) for a, b in out]
 
 
-def restore(directory: str, target: Any, options: CheckpointOptions) -> Any:
-  """Reads the committed checkpoint at ``directory`` (see :func:`jaxinfra.checkpoint.restore`)."""
+def restore(directory: str, target: Any, options: CheckpointOptions,
+            stats: dict | None = None) -> Any:
+  """Reads the committed checkpoint at ``directory`` (see :func:`jaxinfra.checkpoint.restore`);
+  ``stats`` (if given) receives ``bytes_read`` and ``engine``."""
   directory = os.fspath(directory)
   index = _format.read_index(directory)
   leaves = index["leaves"]
@@ -275,6 +277,8 @@ def restore(directory: str, target: Any, options: CheckpointOptions) -> Any:
   finally:
     reader.close()
     engine.close()
+    if stats is not None:
+      stats.update(bytes_read=engine.bytes_read, engine=engine.name)
   if treedef is None:
     return _format.rebuild_tree([leaf["keys"] for leaf in leaves], results)
   return jax.tree_util.tree_unflatten(treedef, results)

@@ -132,6 +132,8 @@ def plan(owned: list[_Owned], files: int) -> list[int]:
   """Assigns each shard a file (the least filled) and an aligned offset; file sizes."""
   ends = [0] * files
   for shard in sorted(owned, key=lambda s: -s.nbytes):
+    if shard.nbytes == 0:  # nothing to write
+      continue
     f = min(range(files), key=lambda k: (ends[k], k))
     offset = -(-ends[f] // _format.ALIGN) * _format.ALIGN
     shard.file, shard.offset = f, offset
@@ -160,6 +162,7 @@ class PendingPart:
                                     name="jaxinfra-checkpoint-writer")
     self._thread.start()
     self.staged_seconds = 0.0
+    self.stats: dict = {}
 
   # Caller's thread ---------------------------------------------------------
   def stage_all(self) -> None:
@@ -240,9 +243,13 @@ class PendingPart:
     """Waits for the writes, fsyncs and closes the files, publishes the part index."""
     try:
       self._thread.join()
+      self.stats = {"engine": self.engine.name, "bytes_written": self.engine.bytes_written,
+                    "peak_staging_bytes": self.engine.arena.peak,
+                    "staging_bytes": self.engine.arena.size}
       if self._error is not None:
         raise self._error
       self.engine.drain()
+      self.stats["bytes_written"] = self.engine.bytes_written
       files = {}
       for f, handle in sorted(self._handles.items()):
         self.engine.close_file(handle, fsync=True)
@@ -285,9 +292,11 @@ def start_part(directory: str, tree: Any, options: CheckpointOptions) -> Pending
   part = PendingPart(os.fspath(directory), leaves, owned, ends, options, engine)
   try:
     part.stage_all()
-  except BaseException:
+  except BaseException as e:
     part.engine.fail(RuntimeError("staging failed"))
     part._thread.join()  # pylint: disable=protected-access
     part.close()
+    if isinstance(e, _engine.EngineFailed) and e.__cause__ is not None:
+      raise e.__cause__ from None  # the I/O error that stopped the save
     raise
   return part

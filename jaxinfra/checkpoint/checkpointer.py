@@ -94,7 +94,8 @@ class Checkpointer:
     self.options = options or CheckpointOptions()
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
-    self.last_save_seconds: dict[str, float] = {}
+    self.last_save_stats: dict[str, Any] = {}
+    self.last_restore_stats: dict[str, Any] = {}
 
   def save(self, path: str | os.PathLike, tree: Any) -> None:
     """Saves ``tree`` to ``path`` and waits for the commit."""
@@ -121,9 +122,13 @@ class Checkpointer:
     if jax.process_index() == 0:
       os.makedirs(tmp)
     tmp = os.path.join(parent, f".{name}{TMP_TAG}{_broadcast_nonce(nonce)}")
-    part = _save.start_part(tmp, tree, self.options)
+    try:
+      part = _save.start_part(tmp, tree, self.options)
+    except BaseException:
+      self._discard(tmp)
+      raise
     staged = time.perf_counter()
-    self.last_save_seconds = {"blocking": staged - started}
+    self.last_save_stats = {"blocking_seconds": staged - started}
 
     def commit() -> None:
       try:
@@ -137,12 +142,19 @@ class Checkpointer:
           _format.write_marker(final, index_crc)
         else:
           _wait_for([marker], self.options.commit_timeout, "process 0's commit")
-        self.last_save_seconds["total"] = time.perf_counter() - started
+        self.last_save_stats.update(part.stats, total_seconds=time.perf_counter() - started)
       except BaseException as e:  # pylint: disable=broad-except
         self._error = e
+        self._discard(tmp)
 
     self._thread = threading.Thread(target=commit, daemon=True, name="jaxinfra-checkpoint-commit")
     self._thread.start()
+
+  @staticmethod
+  def _discard(tmp: str) -> None:
+    """Best-effort removal of a failed save's temporary directory (process 0)."""
+    if jax.process_index() == 0:
+      shutil.rmtree(tmp, ignore_errors=True)
 
   def wait_until_finished(self) -> None:
     """Waits for the save in flight; raises its error, if any."""
@@ -170,7 +182,8 @@ class Checkpointer:
         (the message names the leaf).
       ValueError: the target's structure, a shape or a dtype differs (named).
     """
-    return _restore.restore(os.fspath(path), target, self.options)
+    self.last_restore_stats = {}
+    return _restore.restore(os.fspath(path), target, self.options, self.last_restore_stats)
 
   def close(self) -> None:
     self.wait_until_finished()
