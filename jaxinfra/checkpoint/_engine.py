@@ -234,7 +234,14 @@ class PosixEngine(Engine):
       self._end()
 
   def write(self, handle, file_offset, arena_offset, length, done) -> None:
-    pieces = self._pieces(file_offset, length)
+    self.write_view(handle, file_offset,
+                    self.arena.memory[arena_offset:arena_offset + length], done)
+
+  def write_view(self, handle: FileHandle, file_offset: int, view: memoryview,
+                 done: Callable[[], None]) -> None:
+    """Writes ``view`` (any host memory, kept alive by the caller until ``done()``)."""
+    view = memoryview(view).cast("B")
+    pieces = self._pieces(file_offset, len(view))
     remaining = [len(pieces)]
     lock = threading.Lock()
 
@@ -247,8 +254,8 @@ class PosixEngine(Engine):
 
     for start, size in pieces:
       self._begin()
-      view = self.arena.memory[arena_offset + start:arena_offset + start + size]
-      self._pool.submit(self._write_piece, handle, file_offset + start, view, piece_done)
+      self._pool.submit(self._write_piece, handle, file_offset + start,
+                        view[start:start + size], piece_done)
 
   def _read_piece(self, handle, offset, view) -> None:
     done = 0
@@ -273,6 +280,11 @@ class PosixEngine(Engine):
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
+    self.arena.memory = None
+    try:
+      self._mmap.close()
+    except BufferError:  # a view is still alive somewhere; the GC frees the map later
+      pass
 
 
 @dataclasses.dataclass

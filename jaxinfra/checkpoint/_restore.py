@@ -13,6 +13,7 @@ host buffer. Boxes are then ``device_put`` and assembled with
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -194,7 +195,8 @@ class _Reader:
       raise _format.CorruptCheckpointError(f"leaf {name}: shard CRC-32C mismatch in "
                                            f"{shard['file']} at offset {shard['offset']}")
 
-  def run(self) -> None:
+  def read(self) -> list[Callable[[], None]]:
+    """Reads everything planned so far; returns the checks and copies still to run."""
     try:
       self.engine.read(self.requests)
     except _engine.EngineFailed as e:
@@ -203,14 +205,27 @@ class _Reader:
       names = sorted({self.index['leaves'][s['leaf']]['path'] for s in self.index['shards']
                       if any(h.path.endswith(s['file']) for h in self.handles.values())})
       raise _format.CorruptCheckpointError(f"reading leaves {names} failed: {e}") from e
-    for step in self.after:
-      step()
-    self.requests, self.after = [], []
+    steps, self.requests, self.after = self.after, [], []
+    return steps
+
+  def run(self) -> None:
+    _run_parallel(self.read())
 
   def close(self) -> None:
     for handle in self.handles.values():
       self.engine.close_file(handle, fsync=False)
     self.handles.clear()
+
+
+def _run_parallel(steps: list[Callable[[], None]]) -> None:
+  """Runs checksum and copy steps (they release the GIL) on threads; raises the first error."""
+  if len(steps) > 1:
+    with concurrent.futures.ThreadPoolExecutor(
+        min(8, len(steps)), thread_name_prefix="jaxinfra-verify") as pool:
+      for future in [pool.submit(step) for step in steps]:
+        future.result()
+  elif steps:
+    steps[0]()
 
 
 def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -251,6 +266,18 @@ def restore(directory: str, target: Any, options: CheckpointOptions,
                                usrbio_library=options.usrbio_library,
                                io_timeout=options.io_timeout)
   reader = _Reader(directory, index, options, engine)
+  # Batches of about a quarter of the budget: while one batch is checked and put on
+  # its devices (a background thread), the next one is read.
+  batch_bytes = max(budget // 4, options.chunk_bytes)
+  finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfra-place")
+  finishing: list[concurrent.futures.Future] = []
+
+  def flush(pending: list[Callable[[], None]]) -> None:
+    steps = reader.read()
+    if finishing:
+      finishing[-1].result()  # at most one batch waits for placement
+    finishing.append(finisher.submit(lambda: (_run_parallel(steps), [p() for p in pending])))
+
   try:
     pending: list[Callable[[], None]] = []
     planned = 0
@@ -266,15 +293,14 @@ def restore(directory: str, target: Any, options: CheckpointOptions,
       else:
         pending.append(_plan_array(reader, i, shape, tgt.sharding, results))
         planned += math.prod(shape) * _format.dtype_from_name(leaf["dtype"]).itemsize
-      if planned >= budget:  # bound the host memory held between reads and device_put
-        reader.run()
-        for step in pending:
-          step()
+      if planned >= batch_bytes:
+        flush(pending)
         pending, planned = [], 0
-    reader.run()
-    for step in pending:
-      step()
+    flush(pending)
+    for future in finishing:
+      future.result()
   finally:
+    finisher.shutdown(wait=True)
     reader.close()
     engine.close()
     if stats is not None:

@@ -165,13 +165,33 @@ class PendingPart:
     self.stats: dict = {}
 
   # Caller's thread ---------------------------------------------------------
+  def _direct(self, shard: _Owned) -> np.ndarray | None:
+    """A CPU shard's bytes, zero-copy, when POSIX can write them in place.
+
+    On CPU devices, device memory is host memory: ``np.asarray`` is a view that
+    keeps the buffer alive (a later ``delete`` or donation does not free or
+    reuse it), so there is nothing to stage.
+    """
+    if self.engine.name != "posix" or not isinstance(shard.data, jax.Array):
+      return None
+    if any(d.platform != "cpu" for d in shard.data.devices()):
+      return None
+    view = np.asarray(shard.data)
+    return view if view.flags.c_contiguous else None
+
   def stage_all(self) -> None:
-    """Copies every owned shard into the arena and queues it (blocks on the budget)."""
+    """Copies every owned shard into the arena and queues it (blocks on the budget);
+    CPU shards on the POSIX path are queued as zero-copy views instead."""
     start = time.perf_counter()
     try:
       for i, shard in enumerate(self._owned):
         if shard.nbytes == 0:
           self._queue.put((i, None))
+          continue
+        direct = self._direct(shard)
+        if direct is not None:
+          shard.data = None
+          self._queue.put((i, direct))
           continue
         offset = self.engine.arena.alloc(shard.nbytes)
         view = np.frombuffer(self.engine.arena.memory, np.uint8, shard.nbytes, offset)
@@ -197,15 +217,21 @@ class PendingPart:
       self._handles[f] = self.engine.open(path, write=True)
     return self._handles[f]
 
-  def _checksum_and_write(self, i: int, offset: int) -> None:
+  def _checksum_and_write(self, i: int, source: int | np.ndarray) -> None:
     shard = self._owned[i]
     block = self.options.block_bytes
-    memory = self.engine.arena.memory
+    if isinstance(source, np.ndarray):  # a zero-copy view of a CPU shard
+      memory, offset = memoryview(source.reshape(-1).view(np.uint8)), 0
+    else:
+      memory, offset = self.engine.arena.memory, source
     blocks = [_crc.crc32c(memory[offset + a:offset + min(a + block, shard.nbytes)])
               for a in range(0, shard.nbytes, block)]
     self._records[i] = self._record(shard, blocks)
-    self.engine.write(self._handle(shard.file), shard.offset, offset, shard.nbytes,
-                      lambda: self.engine.arena.free(offset, shard.nbytes))
+    if isinstance(source, np.ndarray):
+      self.engine.write_view(self._handle(shard.file), shard.offset, memory, lambda: None)
+    else:
+      self.engine.write(self._handle(shard.file), shard.offset, source, shard.nbytes,
+                        lambda: self.engine.arena.free(source, shard.nbytes))
 
   def _record(self, shard: _Owned, blocks: list[int]) -> dict:
     return {"leaf": shard.leaf, "box": [list(b) for b in shard.box],
@@ -228,11 +254,11 @@ class PendingPart:
             if self._ends[f]:
               self._handle(f)
           waited = True
-        i, offset = item
-        if offset is None:
+        i, source = item
+        if source is None:
           self._records[i] = self._record(self._owned[i], [])
           continue
-        futures.append(self._crc_pool.submit(self._checksum_and_write, i, offset))
+        futures.append(self._crc_pool.submit(self._checksum_and_write, i, source))
       for future in futures:
         future.result()
     except BaseException as e:  # pylint: disable=broad-except
