@@ -195,6 +195,20 @@ class Engine:
             for start in range(0, length, self.chunk_bytes)] or [(0, 0)]
 
 
+def _countdown(n: int, done: Callable[[], None]) -> Callable[[], None]:
+  """A callback that runs ``done()`` on its ``n``-th call (from any thread)."""
+  remaining = [n]
+  lock = threading.Lock()
+
+  def step() -> None:
+    with lock:
+      remaining[0] -= 1
+      last = remaining[0] == 0
+    if last:
+      done()
+  return step
+
+
 def _short(handle: FileHandle, offset: int, want: int, got: int, what: str) -> OSError:
   if what == "read":
     return OSError(f"short read from {handle.path} at offset {offset}: {got} of {want} bytes "
@@ -242,16 +256,7 @@ class PosixEngine(Engine):
     """Writes ``view`` (any host memory, kept alive by the caller until ``done()``)."""
     view = memoryview(view).cast("B")
     pieces = self._pieces(file_offset, len(view))
-    remaining = [len(pieces)]
-    lock = threading.Lock()
-
-    def piece_done():
-      with lock:
-        remaining[0] -= 1
-        last = remaining[0] == 0
-      if last:
-        done()
-
+    piece_done = _countdown(len(pieces), done)
     for start, size in pieces:
       self._begin()
       self._pool.submit(self._write_piece, handle, file_offset + start,
@@ -436,16 +441,7 @@ class UsrbioEngine(Engine):
 
   def write(self, handle, file_offset, arena_offset, length, done) -> None:
     pieces = self._pieces(file_offset, length)
-    remaining = [len(pieces)]
-    lock = threading.Lock()
-
-    def piece_done():
-      with lock:
-        remaining[0] -= 1
-        last = remaining[0] == 0
-      if last:
-        done()
-
+    piece_done = _countdown(len(pieces), done)
     for start, size in pieces:
       self._issue(False, _Io(handle, file_offset + start, arena_offset + start, size, piece_done))
 
