@@ -1,6 +1,7 @@
 """`jaxinfra bench`: the harness runs a benchmark, prints it and writes its JSON."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -38,3 +39,17 @@ def test_calc_diff():
   assert calc_diff(x, x * 1.01) == pytest.approx(1 - 2 * 1.01 / (1 + 1.01**2), rel=1e-9)
   with pytest.raises(ValueError, match="shapes differ"):
     calc_diff(np.zeros(3), np.zeros(4))
+
+
+def test_bench_ckpt_small_reports_ratios(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("JAXINFRA_BENCH_DIR", str(tmp_path))
+  path = tmp_path / "ckpt.json"
+  assert cli.main(["bench", "ckpt", "--iters", "1", "--json", str(path)]) == 0
+  rows = {row["op"]: row for row in json.loads(path.read_text())["rows"]}
+  assert set(rows) == {"jaxinfra save", "orbax save", "jaxinfra restore", "orbax restore",
+                       "disk sequential write", "disk sequential read"}
+  assert all(row["gb_per_s"] > 0 and row["s"] > 0 for row in rows.values())
+  assert rows["jaxinfra save"]["vs_orbax"] == pytest.approx(
+      rows["jaxinfra save"]["gb_per_s"] / rows["orbax save"]["gb_per_s"])
+  assert "jaxinfra vs Orbax" in capsys.readouterr().out
+  assert os.listdir(tmp_path) == ["ckpt.json"]  # the benchmark's checkpoints are removed
