@@ -79,9 +79,9 @@ class ExpertPlacement:
     if phy2log.shape[-1] < log2phy.shape[-2]:
       raise ValueError(f"ExpertPlacement: fewer slots ({phy2log.shape[-1]}) than experts "
                        f"({log2phy.shape[-2]})")
-    self.phy2log = phy2log.astype(jnp.int32)
-    self.log2phy = log2phy.astype(jnp.int32)
-    self.logcnt = logcnt.astype(jnp.int32)
+    self.phy2log = jnp.asarray(phy2log, jnp.int32)
+    self.log2phy = jnp.asarray(log2phy, jnp.int32)
+    self.logcnt = jnp.asarray(logcnt, jnp.int32)
     self.num_gpus = int(num_gpus)
     if all(_is_concrete(a) for a in (phy2log, log2phy, logcnt)):
       self._check_consistent()
@@ -429,6 +429,12 @@ def relayout(w_physical: Any, old: ExpertPlacement, new: ExpertPlacement, *,
   sharding = NamedSharding(mesh, spec)
   w_physical = jax.tree_util.tree_map(
       lambda x: jax.device_put(x, sharding) if _is_concrete(x) else x, w_physical)
+  return _relayout_jit(w_physical, old, new, mesh, axis, capacity)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _relayout_jit(w_physical, old, new, mesh, axis, capacity):
+  spec = old.partition_spec(axis)
   fn = jax.shard_map(functools.partial(relayout_shard, axis_name=axis, capacity=capacity),
                      mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec)
   return fn(w_physical, old, new)
