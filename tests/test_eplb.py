@@ -333,6 +333,19 @@ def test_migration_slack_zero_and_unchanged_loads():
   assert forbidden_duplicates(arrays[0], 16, 2) == []
 
 
+def test_migration_from_a_placement_that_splits_groups():
+  """A previous placement that is not group-local (DeepSeek's global policy):
+  the result is the fresh placement relabelled, still group-local."""
+  w = eplb.zipf_loads(4, 64, seed=8)
+  previous = eplb.rebalance_experts(w, 96, 1, 1, 16, policy="deepseek")
+  assert not groups_on_one_node(previous.phy2log, 8, 2, 64)
+  *arrays, report = eplb.rebalance_experts(eplb.drift(w, 0.1), 96, 8, 2, 16, previous=previous)
+  assert groups_on_one_node(arrays[0], 8, 2, 64)
+  assert forbidden_duplicates(arrays[0], 16, 2) == []
+  assert (report.peak <= report.from_scratch_peak * (1 + 1e-12)).all()
+  assert (report.replicas_moved <= report.from_scratch_moved).all()
+
+
 def test_migration_global_policy():
   w = eplb.zipf_loads(4, 64, seed=7)
   previous = eplb.rebalance_experts(w, 80, 1, 1, 16)

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxinfra import eplb
 from jaxinfra.bench import _harness
-from jaxinfra.eplb import _improved
+from jaxinfra.eplb import _improved, _packing
 
 # (slots, groups, nodes, gpus, policy)
 _CASES = [(288, 8, 4, 32, "hierarchical"), (320, 8, 8, 64, "hierarchical"),
@@ -32,9 +32,7 @@ _CASES = [(288, 8, 4, 32, "hierarchical"), (320, 8, 8, 64, "hierarchical"),
 def forbidden_same_gpu(phy2log: np.ndarray, num_gpus: int, domain_gpus: int) -> int:
   """Replicas sharing a GPU with another replica of their expert although the
   expert has no more replicas than ``domain_gpus``."""
-  layers, slots = phy2log.shape
-  counts = np.zeros((layers, int(phy2log.max()) + 1), np.int64)
-  np.add.at(counts, (np.arange(layers)[:, None], phy2log), 1)
+  counts = _packing.replica_counts(phy2log, int(phy2log.max()) + 1)
   held = _improved.held_matrix(phy2log, counts.shape[1], num_gpus)
   extra = np.maximum(held - 1, 0) * (counts[:, None, :] <= domain_gpus)
   return int(extra.sum())

@@ -375,13 +375,18 @@ def assign_groups(group_load: np.ndarray, num_nodes: int) -> tuple[np.ndarray, n
   return node, _packing.inverse_permutation(slots) // per_node
 
 
+def node_members(group_node: np.ndarray, group_size: int, num_nodes: int) -> np.ndarray:
+  """Experts of every node ``[L * N, E / N]`` (in group order) given the node of
+  every group ``[L, num_groups]`` (equal group counts per node)."""
+  layers = group_node.shape[0]
+  groups = np.argsort(group_node, axis=1, kind="stable").reshape(layers, num_nodes, -1)
+  return (groups[..., None] * group_size + np.arange(group_size)).reshape(layers * num_nodes, -1)
+
+
 def _place(weight, group_node, num_replicas, num_nodes, num_gpus):
   """Replicas of each node's experts onto its GPUs: ``phy2log [L', P]``."""
   layers, experts = weight.shape
-  group_size = experts // group_node.shape[1]
-  groups = np.argsort(group_node, axis=1, kind="stable").reshape(layers, num_nodes, -1)
-  members = (groups[..., None] * group_size + np.arange(group_size)).reshape(
-      layers * num_nodes, -1)                                         # experts of each node
+  members = node_members(group_node, experts // group_node.shape[1], num_nodes)
   node_w = np.take_along_axis(weight, members.reshape(layers, -1), axis=1).reshape(
       layers * num_nodes, -1)
   slots, _ = solve_domains(node_w, num_replicas // num_nodes, num_gpus // num_nodes)
@@ -390,8 +395,7 @@ def _place(weight, group_node, num_replicas, num_nodes, num_gpus):
 
 def layer_peak(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
   """Largest GPU load ``[L]`` of placements ``phy2log [L, P]``."""
-  counts = np.zeros(weight.shape, np.int64)
-  np.add.at(counts, (np.arange(weight.shape[0])[:, None], phy2log), 1)
+  counts = _packing.replica_counts(phy2log, weight.shape[1])
   return gpu_loads(weight, phy2log, counts, num_gpus).max(axis=1)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinfra.eplb import _improved
+from jaxinfra.eplb import _improved, _packing
 
 _REL = _improved._REL  # pylint: disable=protected-access
 
@@ -70,7 +70,7 @@ def _overlap(old_units: np.ndarray, new_units: np.ndarray, num_items: int) -> np
 
 def _greedy_match(common: np.ndarray) -> np.ndarray:
   """``target [X, A]``: the old unit each new unit replaces, matching the pairs
-  with the most in common first."""
+  with the most in common first (or keeping the labels where that keeps more)."""
   rows, units, _ = common.shape
   score = common.astype(np.float64).copy()
   target = np.empty((rows, units), np.int64)
@@ -81,6 +81,9 @@ def _greedy_match(common: np.ndarray) -> np.ndarray:
     target[r, b] = a
     score[r, b, :] = -np.inf
     score[r, :, a] = -np.inf
+  kept = np.take_along_axis(common, target[:, :, None], axis=2).sum(axis=(1, 2))
+  same = np.trace(common, axis1=1, axis2=2) >= kept
+  target[same] = np.arange(units)
   return target
 
 
@@ -195,8 +198,7 @@ def repair(weight: np.ndarray, slots: np.ndarray, num_gpus: int,
   n = weight.shape[1]
   per_gpu = num_slots // num_gpus
   slots = slots.copy()
-  counts = np.zeros((rows, n), np.int64)
-  np.add.at(counts, (np.arange(rows)[:, None], slots), 1)
+  counts = _packing.replica_counts(slots, n)
   held = _improved.held_matrix(slots, n, num_gpus)
   reached = np.zeros(rows, bool)
   active = np.arange(rows)

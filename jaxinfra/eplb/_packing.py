@@ -98,13 +98,19 @@ def replica_ranks(phy2log: np.ndarray, num_logical: int) -> np.ndarray:
   return np.take_along_axis(before, phy2log[:, :, None], axis=2)[:, :, 0].astype(np.int64)
 
 
+def replica_counts(slot_item: np.ndarray, num_items: int) -> np.ndarray:
+  """Replicas of each item ``[X, num_items]`` int64 in ``slot_item [X, S]``."""
+  counts = np.zeros((slot_item.shape[0], num_items), np.int64)
+  np.add.at(counts, (np.arange(slot_item.shape[0])[:, None], slot_item), 1)
+  return counts
+
+
 def logical_to_physical(phy2log: np.ndarray, phyrank: np.ndarray,
                         num_logical: int) -> tuple[np.ndarray, np.ndarray]:
   """``log2phy [L, E, max_replicas]`` (-1 padded) and ``logcnt [L, E]`` with
   ``log2phy[l, phy2log[l, p], phyrank[l, p]] == p``."""
   layers, slots = phy2log.shape
-  logcnt = np.zeros((layers, num_logical), np.int64)
-  np.add.at(logcnt, (np.arange(layers)[:, None], phy2log), 1)
+  logcnt = replica_counts(phy2log, num_logical)
   width = int(logcnt.max())
   log2phy = np.full((layers, num_logical * width), -1, np.int64)
   np.put_along_axis(log2phy, phy2log * width + phyrank,

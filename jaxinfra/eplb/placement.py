@@ -35,6 +35,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxinfra.eplb import _packing
 from jaxinfra.eplb import policy as policy_lib
 
 
@@ -93,8 +94,7 @@ class ExpertPlacement:
     if p2l.min() < 0 or p2l.max() >= experts:
       raise ValueError(f"ExpertPlacement: phy2log (shape {self.phy2log.shape}) has expert ids "
                        f"outside [0, {experts})")
-    want = np.zeros(cnt.shape, np.int64)
-    np.add.at(want, (np.arange(len(p2l))[:, None], p2l), 1)
+    want = _packing.replica_counts(p2l, experts)
     if (cnt != want).any() or (cnt < 1).any():
       raise ValueError("ExpertPlacement: logcnt does not count phy2log's replicas of every "
                        "expert (every expert needs at least one)")

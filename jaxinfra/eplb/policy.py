@@ -241,9 +241,7 @@ def _previous_phy2log(previous: Any, shape: tuple[int, int], num_replicas: int) 
   if phy2log.min() < 0 or phy2log.max() >= experts:
     raise ValueError(f"rebalance_experts: previous.phy2log (shape {phy2log.shape}) has expert "
                      f"ids outside [0, {experts})")
-  counts = np.zeros(shape, np.int64)
-  np.add.at(counts, (np.arange(layers)[:, None], phy2log), 1)
-  if (counts == 0).any():
+  if (_packing.replica_counts(phy2log, experts) == 0).any():
     raise ValueError(f"rebalance_experts: previous.phy2log (shape {phy2log.shape}) leaves an "
                      f"expert without a replica")
   return phy2log.astype(np.int64)
@@ -252,13 +250,12 @@ def _previous_phy2log(previous: Any, shape: tuple[int, int], num_replicas: int) 
 # --- migration-aware mode -----------------------------------------------------------------------
 
 
-def _node_domains(old, num_groups, num_nodes):
+def _node_domains(old, num_experts, num_groups, num_nodes):
   """Per (layer, node): its experts ``[L*N, E/N]`` (group order) and the old slots
   as indices into them, or None if ``old`` does not keep each group on one node
   with equal group counts."""
   layers, slots = old.shape
-  experts = int(old.max()) + 1
-  group_size = experts // num_groups
+  group_size = num_experts // num_groups
   per_node = slots // num_nodes
   slot_node = np.arange(slots) // per_node
   group_nodes = np.zeros((layers, num_groups, num_nodes), bool)
@@ -266,13 +263,10 @@ def _node_domains(old, num_groups, num_nodes):
   if (group_nodes.sum(-1) != 1).any():
     return None
   node_of_group = np.argmax(group_nodes, axis=-1)                      # [L, G]
-  if (np.apply_along_axis(np.bincount, 1, node_of_group, minlength=num_nodes)
-      != num_groups // num_nodes).any():
+  if (_packing.replica_counts(node_of_group, num_nodes) != num_groups // num_nodes).any():
     return None
-  groups = np.argsort(node_of_group, axis=1, kind="stable").reshape(layers, num_nodes, -1)
-  members = (groups[..., None] * group_size + np.arange(group_size)).reshape(
-      layers * num_nodes, -1)
-  local = np.empty((layers * num_nodes, experts), np.int64)            # logical -> index
+  members = _improved.node_members(node_of_group, group_size, num_nodes)
+  local = np.empty((layers * num_nodes, num_experts), np.int64)            # logical -> index
   np.put_along_axis(local, members, np.arange(members.shape[1])[None].repeat(len(local), 0), 1)
   node_old = old.reshape(layers * num_nodes, per_node)
   return members, np.take_along_axis(local, node_old, axis=1)
@@ -280,11 +274,10 @@ def _node_domains(old, num_groups, num_nodes):
 
 def _migrate(w, old, fresh, num_groups, num_nodes, num_gpus, slack, expert_bytes):
   layers, slots = old.shape
-  experts = w.shape[1]
   fresh_peak = _improved.layer_peak(w, fresh, num_gpus)
   target = fresh_peak * (1 + slack)
   aligned = _migration.align(old, fresh, num_nodes, num_gpus)
-  domains = _node_domains(old, num_groups, num_nodes)
+  domains = _node_domains(old, w.shape[1], num_groups, num_nodes)
   result = aligned
   if domains is not None:
     members, node_old = domains
@@ -304,5 +297,4 @@ def _migrate(w, old, fresh, num_groups, num_nodes, num_gpus, slack, expert_bytes
       peak=_improved.layer_peak(w, result, num_gpus),
       from_scratch_peak=fresh_peak,
       kept_previous=(result == old).all(axis=1))
-  del experts
   return result, report

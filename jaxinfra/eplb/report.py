@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxinfra.eplb import _improved, _packing
+
 
 def gpu_loads(weight: Any, phy2log: Any, num_gpus: int) -> np.ndarray:
   """Load of every GPU ``[L, num_gpus]`` float64 when each expert's load
@@ -18,10 +20,7 @@ def gpu_loads(weight: Any, phy2log: Any, num_gpus: int) -> np.ndarray:
   if p2l.shape[1] % num_gpus:
     raise ValueError(f"gpu_loads: phy2log.shape[1] ({p2l.shape[1]}) must be divisible by "
                      f"num_gpus ({num_gpus})")
-  counts = np.zeros(w.shape, np.int64)
-  np.add.at(counts, (np.arange(w.shape[0])[:, None], p2l), 1)
-  share = np.take_along_axis(w / np.maximum(counts, 1), p2l, axis=1)
-  return share.reshape(w.shape[0], num_gpus, -1).sum(-1)
+  return _improved.gpu_loads(w, p2l, _packing.replica_counts(p2l, w.shape[1]), num_gpus)
 
 
 def imbalance(weight: Any, phy2log: Any, num_gpus: int) -> np.ndarray:
