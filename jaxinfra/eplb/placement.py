@@ -39,8 +39,12 @@ from jaxinfra.eplb import _packing
 from jaxinfra.eplb import policy as policy_lib
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+def _host_values(*arrays) -> list[np.ndarray] | None:
+  """The arrays as NumPy, or None when any is traced (inside ``jit``)."""
+  try:
+    return [np.asarray(a) for a in arrays]
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 @jax.tree_util.register_pytree_node_class
@@ -84,12 +88,13 @@ class ExpertPlacement:
     self.log2phy = jnp.asarray(log2phy, jnp.int32)
     self.logcnt = jnp.asarray(logcnt, jnp.int32)
     self.num_gpus = int(num_gpus)
-    if all(_is_concrete(a) for a in (phy2log, log2phy, logcnt)):
-      self._check_consistent()
+    values = _host_values(phy2log, log2phy, logcnt)
+    if values is not None:
+      self._check_consistent(*values)
 
-  def _check_consistent(self) -> None:
-    p2l, l2p, cnt = (np.asarray(a).reshape((-1,) + a.shape[-k:]) for a, k in
-                     ((self.phy2log, 1), (self.log2phy, 2), (self.logcnt, 1)))
+  def _check_consistent(self, p2l, l2p, cnt) -> None:
+    p2l, l2p, cnt = (a.reshape((-1,) + a.shape[a.ndim - k:]) for a, k in
+                     ((p2l, 1), (l2p, 2), (cnt, 1)))
     experts, slots = self.num_experts, self.num_slots
     if p2l.min() < 0 or p2l.max() >= experts:
       raise ValueError(f"ExpertPlacement: phy2log (shape {self.phy2log.shape}) has expert ids "
@@ -415,8 +420,8 @@ def relayout(w_physical: Any, old: ExpertPlacement, new: ExpertPlacement, *,
   Returns:
     ``w_physical`` in ``new``'s layout, sharded like ``old.partition_spec(axis)``.
 
-  Under ``jit`` on a mesh with explicit axes, ``w_physical`` must already be
-  sharded as ``old.sharding(mesh, axis)`` (concrete arrays are put there).
+  ``w_physical`` is put on ``old.sharding(mesh, axis)`` first (a no-op when it
+  is already sharded that way).
   """
   _check_pair(old, new, "relayout")
   _check_axis(mesh, axis, old.num_gpus, "relayout")
@@ -426,15 +431,14 @@ def relayout(w_physical: Any, old: ExpertPlacement, new: ExpertPlacement, *,
     if leaf.shape[:len(want)] != want:
       raise ValueError(f"relayout: w_physical must have shape {want} + (...), got shape "
                        f"{leaf.shape}")
-  sharding = NamedSharding(mesh, spec)
-  w_physical = jax.tree_util.tree_map(
-      lambda x: jax.device_put(x, sharding) if _is_concrete(x) else x, w_physical)
   return _relayout_jit(w_physical, old, new, mesh, axis, capacity)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _relayout_jit(w_physical, old, new, mesh, axis, capacity):
   spec = old.partition_spec(axis)
+  sharding = NamedSharding(mesh, spec)
+  w_physical = jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), w_physical)
   fn = jax.shard_map(functools.partial(relayout_shard, axis_name=axis, capacity=capacity),
                      mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec)
   return fn(w_physical, old, new)
