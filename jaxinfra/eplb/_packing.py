@@ -92,10 +92,17 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
 def replica_ranks(phy2log: np.ndarray, num_logical: int) -> np.ndarray:
   """For each slot of ``phy2log [L, P]``, how many earlier slots hold the same
   expert (its replica index)."""
+  del num_logical
   layers, slots = phy2log.shape
-  onehot = phy2log[:, :, None] == np.arange(num_logical)
-  before = np.cumsum(onehot, axis=1) - onehot
-  return np.take_along_axis(before, phy2log[:, :, None], axis=2)[:, :, 0].astype(np.int64)
+  order = np.argsort(phy2log, axis=1, kind="stable")
+  ordered = np.take_along_axis(phy2log, order, axis=1)
+  pos = np.broadcast_to(np.arange(slots), (layers, slots))
+  starts = np.where(np.concatenate([np.ones((layers, 1), bool),
+                                    ordered[:, 1:] != ordered[:, :-1]], axis=1), pos, 0)
+  rank_sorted = pos - np.maximum.accumulate(starts, axis=1)
+  ranks = np.empty((layers, slots), np.int64)
+  np.put_along_axis(ranks, order, rank_sorted, axis=1)
+  return ranks
 
 
 def replica_counts(slot_item: np.ndarray, num_items: int) -> np.ndarray:
