@@ -11,7 +11,9 @@ hierarchical policy), with three changes:
 * **Replica counts chosen with the packing.** DeepSeek's counts minimize the
   largest load per replica; on skewed loads that leaves lumps that no packing
   can balance (a node whose hottest expert carries 60% of its load). Besides
-  those counts we build placements against a target GPU load ``T``: experts in
+  those counts (packed heaviest replica first onto the lightest GPU that does
+  not hold the expert yet, or dealt round-robin where that gets stuck), we
+  build placements against a target GPU load ``T``: experts in
   decreasing load order each take the fewest replicas that fit onto distinct
   GPUs under ``T``, keeping room for the experts still to come; free slots then
   get extra replicas. Several targets between the lower bound ``W / gpus`` and
@@ -22,8 +24,14 @@ hierarchical policy), with three changes:
   the pair's maximum (and keeps replicas on distinct GPUs).
 
 Groups go to nodes as in DeepSeek (greedy, equal group counts), followed by the
-same swap search on node loads. Everything is vectorized over layers and nodes:
-loops run over items, never over rows.
+same swap search on node loads; where the swaps changed the assignment, both
+assignments are placed and each layer keeps the better. Everything is vectorized
+over layers and nodes: loops run over items, never over rows.
+
+On Zipf loads at DeepSeek-V3 scale this is never worse than DeepSeek's algorithm
+on any layer (tested). It is not a guarantee for every input: on small domains
+where DeepSeek's same-GPU replicas amount to an uneven split that helps, the
+distinct-GPU rule can cost a little balance on some layers.
 """
 
 from __future__ import annotations

@@ -299,12 +299,15 @@ def _check_axis(mesh, axis, num_gpus, where) -> None:
 # --- relayout -----------------------------------------------------------------------------------
 
 
-def _schedule(old: ExpertPlacement, new: ExpertPlacement, me, capacity: int):
-  """Where each of device ``me``'s new slots comes from (identical on every device).
+def _schedule(old: ExpertPlacement, new: ExpertPlacement, capacity: int):
+  """Where every new slot comes from; the same on every device.
 
-  Returns:
-    ``(local, local_idx, remote_dev, remote_pos, round, send_idx_fn, rounds)``
-    for the ``[k]`` new local slots.
+  Returns ``[M, k]`` arrays over (device, local new slot) and a scalar:
+  ``local`` (an old slot on the same device holds the expert), ``local_idx``
+  (that slot), ``remote``, ``src_dev`` and ``src_slot`` (the old replica to fetch,
+  replica ``p mod logcnt`` of the expert for new slot ``p``), ``rank`` (how many
+  earlier slots of the device fetch from the same source: the position in the
+  transfer), and ``rounds`` (all_to_all rounds of ``capacity`` slots needed).
   """
   m, k = old.num_gpus, old.slots_per_gpu
   new_e = new.phy2log.reshape(m, k)                                     # [M, k]
@@ -329,7 +332,8 @@ def _relayout_layer(w_local, old: ExpertPlacement, new: ExpertPlacement, axis_na
   """One layer inside ``shard_map``: ``w_local [k, ...]`` -> ``[k, ...]``."""
   m, k = old.num_gpus, old.slots_per_gpu
   me = lax.axis_index(axis_name)
-  local, local_idx, remote, src_dev, src_slot, rank, rounds = _schedule(old, new, me, capacity)
+  local, local_idx, remote, src_dev, src_slot, rank, rounds = _schedule(old, new, capacity)
+  del local  # remote slots are overwritten below
   out = w_local[local_idx[me]]                                          # local copies
 
   def one_round(t, out):
