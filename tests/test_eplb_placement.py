@@ -270,3 +270,12 @@ def test_load_tracker_bad_input():
     eplb.LoadTracker(4, decay=1.0)
   with pytest.raises(ValueError, match="num_experts must be a positive int"):
     eplb.LoadTracker(0)
+
+
+def test_relayout_over_two_mesh_axes():
+  mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  old, new = placement(seed=6), placement(seed=6, drift=0.6)
+  w = np.random.default_rng(0).standard_normal((EXPERTS, 3)).astype(np.float32)
+  got = eplb.relayout(w[np.asarray(old.phy2log)], old, new, mesh=mesh, axis=("a", "b"))
+  np.testing.assert_array_equal(got, w[np.asarray(new.phy2log)])
+  assert old.partition_spec(("a", "b")) == P(("a", "b"))
