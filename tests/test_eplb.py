@@ -9,6 +9,7 @@ re-drawn from an independent Zipf draw).
 """
 
 import collections
+import itertools
 
 import numpy as np
 import pytest
@@ -219,7 +220,6 @@ def _best_node_bound(group_loads, nodes):
       best = worst
       return
     first = items[0]
-    import itertools  # pylint: disable=g-import-not-at-top
     for rest in itertools.combinations(items[1:], per - 1):
       chosen = (first,) + rest
       left = [i for i in items if i not in chosen]
