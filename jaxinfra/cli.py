@@ -1,4 +1,5 @@
-"""The ``jaxinfra`` command line: ``jaxinfra doctor``, ``jaxinfra bench NAME``."""
+"""The ``jaxinfra`` command line: ``jaxinfra doctor``, ``jaxinfra bench NAME``,
+``jaxinfra eplb``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "default: small on CPU, full on accelerators")
   bench.add_argument("--iters", type=int, default=10, help="timed repetitions per case")
   bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+  from jaxinfra.eplb import cli as eplb_cli  # pylint: disable=g-import-not-at-top
+  eplb_cli.add_parser(commands)
   args = parser.parse_args(argv)
   if args.command == "doctor":
     from jaxinfra import doctor as doctor_lib  # pylint: disable=g-import-not-at-top
@@ -32,5 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{spec.name:<10} {spec.help}")
       return 0
     return bench_lib.main(args.name, size=args.size, iters=args.iters, json_path=args.json)
+  if args.command == "eplb":
+    return eplb_cli.run(args)
   parser.error(f"unknown command {args.command}")
   return 2
