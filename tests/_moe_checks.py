@@ -425,8 +425,10 @@ def check_layer(mesh, ep_axis, *, tokens_per_rank: int = 16, mode: str = "normal
          "dropped": int(fetch(stats_ep.num_dropped))}
   if grads:
     worst, close = 0.0, True
-    for (_, a), (_, b) in zip(nnx.to_flat_state(g_ref), nnx.to_flat_state(g_ep)):
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g_ref), nnx.to_flat_state(g_ep)):
       a, b = np.asarray(a[...]), fetch(b[...])
+      if num_slots is not None and path[-1] in ("w_gate", "w_up", "w_down"):
+        a, b = fold_replicas(a), fold_replicas(b)
       scale = np.abs(a).max()
       worst = max(worst, float(np.abs(a - b).max() / scale))
       close &= bool(np.allclose(b, a, rtol=1e-5, atol=1e-5 * scale))
@@ -439,6 +441,13 @@ def check_layer(mesh, ep_axis, *, tokens_per_rank: int = 16, mode: str = "normal
 # Replicated placement for the EPLB hook: 64 experts in 80 slots; experts 0..15
 # (the first two groups) get a second replica in slots 64..79.
 SLOT_SOURCE = list(range(E)) + list(range(16))
+
+
+def fold_replicas(slot_grads: np.ndarray) -> np.ndarray:
+  """[slots, ...] gradients -> [E, ...]: a replica's gradient belongs to its expert."""
+  folded = np.zeros((E, *slot_grads.shape[1:]), slot_grads.dtype)
+  np.add.at(folded, np.asarray(SLOT_SOURCE), slot_grads)
+  return folded
 
 
 def replicated_map():

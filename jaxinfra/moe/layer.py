@@ -38,6 +38,7 @@ compute dtype through ``jax.lax.ragged_dot``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -167,6 +168,28 @@ def _to_spec(x: jax.Array, mesh, spec: P) -> jax.Array:
   return x
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _init_params(key, hidden, intermediate, num_experts, num_slots, shared, dtype):
+  """Normal(0, 1/fan_in) weights, in one compiled program."""
+  shapes = {"router": ((hidden, num_experts), hidden),
+            "w_gate": ((num_slots, intermediate, hidden), hidden),
+            "w_up": ((num_slots, intermediate, hidden), hidden),
+            "w_down": ((num_slots, hidden, intermediate), intermediate)}
+  if shared:
+    shapes.update(shared_gate=((hidden, shared), hidden), shared_up=((hidden, shared), hidden),
+                  shared_down=((shared, hidden), shared))
+  # One draw, sliced: XLA:CPU compiles a random draw per shape slowly.
+  names = sorted(shapes)
+  sizes = [math.prod(shapes[n][0]) for n in names]
+  draw = jax.random.normal(key, (sum(sizes),), jnp.float32)
+  params, start = {}, 0
+  for name, size in zip(names, sizes):
+    shape, fan_in = shapes[name]
+    params[name] = (draw[start:start + size].reshape(shape) / np.sqrt(fan_in)).astype(dtype)
+    start += size
+  return params
+
+
 class MoE(nnx.Module):
   """DeepSeek-V3's MoE layer (see the module docstring).
 
@@ -228,20 +251,19 @@ class MoE(nnx.Module):
     self.capacity_factor, self.max_tokens_per_rank = capacity_factor, max_tokens_per_rank
     self.dtype, self.backend, self.impl = dtype, backend, impl
 
-    def init(key, shape, fan_in):
-      return (jax.random.normal(key, shape, jnp.float32) / np.sqrt(fan_in)).astype(param_dtype)
-
-    self.router = nnx.Param(init(rngs.params(), (hidden, num_experts), hidden))
-    self.gate_bias = RouterBias(jnp.zeros((num_experts,), jnp.float32))
-    self.w_gate = nnx.Param(init(rngs.params(), (num_slots, intermediate, hidden), hidden))
-    self.w_up = nnx.Param(init(rngs.params(), (num_slots, intermediate, hidden), hidden))
-    self.w_down = nnx.Param(init(rngs.params(), (num_slots, hidden, intermediate), intermediate))
     shared = num_shared_experts * (shared_intermediate or intermediate)
     self.num_shared = shared
+    params = _init_params(rngs.params(), hidden, intermediate, num_experts, num_slots, shared,
+                          np.dtype(param_dtype))
+    self.router = nnx.Param(params["router"])
+    self.gate_bias = RouterBias(jnp.zeros((num_experts,), jnp.float32))
+    self.w_gate = nnx.Param(params["w_gate"])
+    self.w_up = nnx.Param(params["w_up"])
+    self.w_down = nnx.Param(params["w_down"])
     if shared:
-      self.shared_gate = nnx.Param(init(rngs.params(), (hidden, shared), hidden))
-      self.shared_up = nnx.Param(init(rngs.params(), (hidden, shared), hidden))
-      self.shared_down = nnx.Param(init(rngs.params(), (shared, hidden), shared))
+      self.shared_gate = nnx.Param(params["shared_gate"])
+      self.shared_up = nnx.Param(params["shared_up"])
+      self.shared_down = nnx.Param(params["shared_down"])
 
   # -- the pieces, as functions of arrays -------------------------------------------------------
 
