@@ -160,7 +160,9 @@ def low_latency_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Arr
   Args:
     y: ``[E/R, R*T, H]`` float32 or bfloat16 expert outputs in the masked
       layout (rows beyond ``recv_count`` are ignored).
-    topk_idx: ``[N, K]`` the ids given to :func:`low_latency_dispatch`.
+    topk_idx: ``[N, K]`` the ids given to :func:`low_latency_dispatch` (the
+      handle carries the routing; this argument is checked for shape only,
+      as in DeepEP's signature).
     topk_weights: ``[N, K]`` float weights.
     handle: from :func:`low_latency_dispatch`.
 
