@@ -219,7 +219,7 @@ def _trace(mesh, fn, *arrays):
     (dict(dequantize=True), {}, "dequantize=True only applies with fp8=True"),
     (dict(capacity=0), {}, "capacity must be a positive int"),
     (dict(), {"w": (64, 3)}, r"topk_weights must have topk_idx's shape \(8, 2\)"),
-    (dict(), {"idx": (56, 2)}, "same number of rows"),
+    (dict(), {"idx": (56, 2), "w": (56, 2)}, "same number of rows"),
     (dict(axis_name=("ep", "x", "y")), {}, "two-level EP needs axis_name"),
     (dict(backend="nccl"), {}, "backend must be one of"),
 ])

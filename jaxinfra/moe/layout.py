@@ -12,6 +12,15 @@ def check_topk_idx(op: str, topk_idx) -> jax.Array:
   return _validate.array(op, "topk_idx", topk_idx, ndim=2, dims="[N, K]", kind="int")
 
 
+def check_routing(op: str, topk_idx, topk_weights) -> tuple[jax.Array, jax.Array]:
+  """``topk_idx [N, K]`` integer and ``topk_weights [N, K]`` float of the same shape."""
+  topk_idx = check_topk_idx(op, topk_idx)
+  topk_weights = _validate.array(op, "topk_weights", topk_weights, ndim=2, dims="[N, K]",
+                                 kind="float")
+  _validate.same_shape(op, ("topk_idx", "topk_weights"), topk_idx, topk_weights)
+  return topk_idx, topk_weights
+
+
 def experts_per_rank(op: str, num_experts: int, num_ranks: int) -> int:
   num_experts = _validate.positive_int(op, "num_experts", num_experts)
   num_ranks = _validate.positive_int(op, "num_ranks", num_ranks)

@@ -172,10 +172,7 @@ def low_latency_combine(y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Arr
   """
   op = "low_latency_combine"
   y = _validate.array(op, "y", y, ndim=3, dims="[E/R, R*T, H]", kind="float")
-  topk_idx = layout.check_topk_idx(op, topk_idx)
-  topk_weights = _validate.array(op, "topk_weights", topk_weights, ndim=2, dims="[N, K]",
-                                 kind="float")
-  _validate.same_shape(op, ("topk_idx", "topk_weights"), topk_idx, topk_weights)
+  topk_idx, topk_weights = layout.check_routing(op, topk_idx, topk_weights)
   if not isinstance(handle, LowLatencyHandle):
     raise ValueError(f"{op}: handle must be the LowLatencyHandle from low_latency_dispatch")
   hop = handle.hop

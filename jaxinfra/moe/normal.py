@@ -217,36 +217,21 @@ def backward_rows(y: jax.Array, handle: DispatchHandle) -> jax.Array:
   return y
 
 
-@jax.custom_vjp
-def _dispatch_linear(x: jax.Array, handle: DispatchHandle) -> jax.Array:
-  return forward_rows(x, handle)
+def _adjoint_pair(apply, adjoint):
+  """``apply(v, handle)`` as a ``custom_vjp`` whose VJP is ``adjoint(g, handle)``."""
+
+  @jax.custom_vjp
+  def linear(v: jax.Array, handle: DispatchHandle) -> jax.Array:
+    return apply(v, handle)
+
+  linear.defvjp(lambda v, handle: (apply(v, handle), handle),
+                lambda handle, g: (adjoint(g, handle), None))
+  return linear
 
 
-def _dispatch_linear_fwd(x, handle):
-  return forward_rows(x, handle), handle
-
-
-def _dispatch_linear_bwd(handle, g):
-  return backward_rows(g, handle), None
-
-
-_dispatch_linear.defvjp(_dispatch_linear_fwd, _dispatch_linear_bwd)
-
-
-@jax.custom_vjp
-def _combine_linear(y: jax.Array, handle: DispatchHandle) -> jax.Array:
-  return backward_rows(y, handle)
-
-
-def _combine_linear_fwd(y, handle):
-  return backward_rows(y, handle), handle
-
-
-def _combine_linear_bwd(handle, g):
-  return forward_rows(g, handle), None
-
-
-_combine_linear.defvjp(_combine_linear_fwd, _combine_linear_bwd)
+# Dispatch's VJP is combine; combine's VJP is a (cached) dispatch.
+_dispatch_linear = _adjoint_pair(forward_rows, backward_rows)
+_combine_linear = _adjoint_pair(backward_rows, forward_rows)
 
 
 # --- FP8 payload: e4m3 values and float32 scales travel as one byte row ------------------------
@@ -397,11 +382,8 @@ def dispatch(x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array, *, axis
   """
   op = "dispatch"
   x = _validate.array(op, "x", x, ndim=2, dims="[N, H]", kind="float")
-  topk_idx = layout.check_topk_idx(op, topk_idx)
-  topk_weights = _validate.array(op, "topk_weights", topk_weights, ndim=2, dims="[N, K]",
-                                 kind="float")
+  topk_idx, topk_weights = layout.check_routing(op, topk_idx, topk_weights)
   _validate.same_rows(op, ("x", "topk_idx"), x, topk_idx)
-  _validate.same_shape(op, ("topk_idx", "topk_weights"), topk_idx, topk_weights)
   axis, two_level = _parse_axis(op, axis_name, hierarchical)
   ranks = axis_size(axis)
   per_rank = layout.experts_per_rank(op, num_experts, ranks)
