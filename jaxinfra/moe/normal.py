@@ -136,7 +136,9 @@ class Dispatched(NamedTuple):
     recv_topk_weights: ``[R*C, K]`` float32, 0 where the id is -1.
     num_recv_tokens_per_expert: ``[E/R]`` int32 received tokens per local expert.
     num_recv_tokens_per_rank: ``[R]`` int32 rows received from each source rank.
-    num_dropped: int32, (token, destination rank) pairs dropped on this rank.
+    num_dropped: int32, (token, destination rank) pairs dropped by this rank
+      (two-level EP: by the rank that forwards them inside the destination
+      node; the sum over ranks equals single-level EP's).
     num_invalid: int32, ids outside ``[-1, E)`` in this rank's ``topk_idx``.
     handle: the :class:`DispatchHandle` for :func:`combine`.
   """
