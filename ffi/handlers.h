@@ -8,6 +8,8 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_token_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_block_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_moe_permute_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_moe_unpermute_cpu);
 
 #ifdef JAXINFRA_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_token_cuda);

@@ -31,6 +31,8 @@ const Target kTargets[] = {
      JAXINFRA_CUDA_HANDLER(jaxinfra_quantize_per_token_cuda)},
     {"jaxinfra_quantize_per_block", jaxinfra_quantize_per_block_cpu,
      JAXINFRA_CUDA_HANDLER(jaxinfra_quantize_per_block_cuda)},
+    {"jaxinfra_moe_permute", jaxinfra_moe_permute_cpu, nullptr},
+    {"jaxinfra_moe_unpermute", jaxinfra_moe_unpermute_cpu, nullptr},
 };
 
 nb::capsule handler_capsule(XLA_FFI_Handler* handler) {

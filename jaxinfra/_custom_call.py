@@ -226,6 +226,44 @@ def _warn_once(message: str) -> None:
   warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _varying_axes(x) -> frozenset:
+  aval = jax.typeof(x)
+  axes = getattr(aval, "vma", None)  # jax <= 0.9
+  if axes is None:  # jax 0.10+: aval.manual_axis_type.varying
+    axes = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  return frozenset(axes or ())
+
+
+def vary_like(value: Any, *inputs: Any) -> Any:
+  """``value`` (a pytree) marked varying over every manual mesh axis ``inputs`` vary over.
+
+  Inside ``shard_map``, values computed only from constants are "invariant";
+  scan carries, ``platform_dependent`` branches and custom calls whose
+  results depend on varying inputs need the same type as those inputs. A
+  no-op outside ``shard_map``.
+  """
+  axes = frozenset().union(*(_varying_axes(a) for a in jax.tree_util.tree_leaves(inputs)))
+  if not axes:
+    return value
+
+  def cast(o):
+    missing = tuple(sorted(axes - _varying_axes(o)))
+    return jax.lax.pcast(o, missing, to="varying") if missing else o
+
+  return jax.tree_util.tree_map(cast, value)
+
+
+def _varying_like_inputs(fn: Callable) -> Callable:
+  """``fn`` with its outputs typed as varying like its inputs: inside
+  ``shard_map`` an ``ffi_call``'s results carry no varying axes, unlike the
+  ``xla`` path's (and ``platform_dependent`` rejects branches whose types differ)."""
+
+  def wrapped(*args):
+    return vary_like(fn(*args), *args)
+
+  return wrapped
+
+
 def select(call: CustomCall, impl: str, *, ffi: Callable, xla: Callable) -> Callable:
   """Returns the function that implements ``call`` under ``impl``.
 
@@ -250,8 +288,8 @@ def select(call: CustomCall, impl: str, *, ffi: Callable, xla: Callable) -> Call
                   f"which do not run on {jax.devices('cuda')[0].device_kind}")
       raise ValueError(f"{call.op}: impl='ffi' has no custom call for platform "
                        f"{platform!r}: {reason}. Use impl='auto' or impl='xla'.")
-    return ffi
-  branches = {platform: ffi for platform in auto_platforms(call)}
+    return _varying_like_inputs(ffi)
+  branches = {platform: _varying_like_inputs(ffi) for platform in auto_platforms(call)}
   if not branches:
     return xla
 

@@ -22,6 +22,7 @@ import numpy as np
 import jaxinfra
 from jaxinfra import _custom_call
 from jaxinfra import quant
+from jaxinfra.moe import permutation as moe_permutation
 
 _PLATFORMS = ("cpu", "cuda")
 
@@ -36,11 +37,31 @@ def _quant_self_test(fn: Callable) -> Callable[[], bool]:
   return check
 
 
+def _moe_permute_self_test() -> bool:
+  x = jax.random.normal(jax.random.key(0), (6, 40), jnp.bfloat16)
+  ids = jnp.array([[0, 2], [1, -1], [2, 0], [0, 1], [3, 3], [2, 1]], jnp.int32)
+  got = moe_permutation.permute(x, ids, 3, capacity=2, impl="ffi")
+  want = moe_permutation.permute(x, ids, 3, capacity=2, impl="xla")
+  return all(np.array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
+             for a, b in zip(got, want))
+
+
+def _moe_unpermute_self_test() -> bool:
+  y = jax.random.normal(jax.random.key(1), (7, 40), jnp.float32)
+  row_id_map = jnp.array([[0, 6], [-1, 2], [5, 9], [3, 1]], jnp.int32)
+  weights = jax.random.uniform(jax.random.key(2), (4, 2), jnp.float32)
+  got = moe_permutation.unpermute(y, row_id_map, weights, impl="ffi")
+  want = moe_permutation.unpermute(y, row_id_map, weights, impl="xla")
+  return np.array_equal(np.asarray(got), np.asarray(want))
+
+
 # op -> check() comparing impl="ffi" with impl="xla" on the default backend.
 _SELF_TESTS: dict[str, Callable[[], bool]] = {
     "quantize_per_token": _quant_self_test(quant.quantize_per_token),
     "quantize_per_block": _quant_self_test(
         lambda x, impl: quant.quantize_per_block(x, (32, 128), impl=impl)),
+    "moe_permute": _moe_permute_self_test,
+    "moe_unpermute": _moe_unpermute_self_test,
 }
 
 

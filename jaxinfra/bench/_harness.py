@@ -22,7 +22,8 @@ import jaxinfra
 from jaxinfra import _custom_call
 
 # Benchmark modules, imported on demand so that `jaxinfra bench --help` stays fast.
-_MODULES = ("jaxinfra.bench.quant", "jaxinfra.bench.ckpt", "jaxinfra.bench.eplb")
+_MODULES = ("jaxinfra.bench.quant", "jaxinfra.bench.ckpt", "jaxinfra.bench.eplb",
+            "jaxinfra.bench.moe")
 
 
 @dataclasses.dataclass(frozen=True)
