@@ -8,6 +8,10 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_token_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_block_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_fp8_gemm_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_contiguous_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_masked_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_k_grouped_fp8_gemm_cpu);
 
 #ifdef JAXINFRA_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_token_cuda);

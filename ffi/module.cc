@@ -31,6 +31,10 @@ const Target kTargets[] = {
      JAXINFRA_CUDA_HANDLER(jaxinfra_quantize_per_token_cuda)},
     {"jaxinfra_quantize_per_block", jaxinfra_quantize_per_block_cpu,
      JAXINFRA_CUDA_HANDLER(jaxinfra_quantize_per_block_cuda)},
+    {"jaxinfra_fp8_gemm", jaxinfra_fp8_gemm_cpu, nullptr},
+    {"jaxinfra_grouped_fp8_gemm_contiguous", jaxinfra_grouped_fp8_gemm_contiguous_cpu, nullptr},
+    {"jaxinfra_grouped_fp8_gemm_masked", jaxinfra_grouped_fp8_gemm_masked_cpu, nullptr},
+    {"jaxinfra_k_grouped_fp8_gemm", jaxinfra_k_grouped_fp8_gemm_cpu, nullptr},
 };
 
 nb::capsule handler_capsule(XLA_FFI_Handler* handler) {
