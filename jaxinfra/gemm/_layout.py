@@ -18,6 +18,7 @@ Two kinds of conversion live here:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -120,6 +121,7 @@ def clamp_group_sizes(group_sizes: jax.Array, num_rows: int) -> jax.Array:
   return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnames=("num_rows", "alignment"))
 def align_groups(group_sizes: jax.Array, num_rows: int,
                  alignment: int = CONTIGUOUS_ALIGNMENT) -> GroupLayout:
   """The contiguous layout for ``num_rows`` rows grouped by ``group_sizes``.

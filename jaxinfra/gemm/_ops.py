@@ -3,6 +3,8 @@ public functions (re-exported by ``jaxinfra.gemm``)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,14 @@ def _row_scales(b_scales: jax.Array, n: int, per_token: bool) -> jax.Array:
   return b_scales if per_token else jnp.repeat(b_scales, BLOCK_N, axis=-2)[..., :n, :]
 
 
+def _zeros_varying_like(shape: tuple[int, ...], *inputs: jax.Array) -> jax.Array:
+  """float32 zeros for a scan carry that vary over the same ``shard_map`` axes
+  as ``inputs`` (inside ``shard_map`` a carry must keep its axis types, and
+  ``zeros_like`` carries them over)."""
+  zero = sum(jnp.zeros_like(x, shape=(), dtype=jnp.float32) for x in inputs)
+  return jnp.broadcast_to(zero, shape)
+
+
 def _two_level(a: jax.Array, a_scales: jax.Array, b: jax.Array, b_scales: jax.Array) -> jax.Array:
   """``sum_kb dot(A_kb, B_kb^T) * (sa[:, kb] sb[:, kb]^T)`` in float32, in increasing kb.
 
@@ -127,7 +137,7 @@ def _two_level(a: jax.Array, a_scales: jax.Array, b: jax.Array, b_scales: jax.Ar
     partial = lax.dot_general(a_kb, b_kb, dims, preferred_element_type=jnp.float32)
     return acc + partial * (sa_kb[..., :, None] * sb_kb[..., None, :]), None
 
-  init = jnp.zeros((*a.shape[:-1], b.shape[-2]), jnp.float32)
+  init = _zeros_varying_like((*a.shape[:-1], b.shape[-2]), a, a_scales, b, b_scales)
   acc, _ = lax.scan(step, init, (_k_blocks(a, k_blocks), jnp.moveaxis(a_scales, -1, 0),
                                  _k_blocks(b, k_blocks), jnp.moveaxis(b_scales, -1, 0)))
   return acc
@@ -172,7 +182,8 @@ def _contiguous_xla(a, a_scales, b, b_scales, layout, *, psum, alignment, out_dt
                                      preferred_element_type=jnp.float32)
     return acc + partial * (sa_kb[:, None] * sb_kb[row_b]), None
 
-  acc, _ = lax.scan(step, jnp.zeros((m, n), jnp.float32),
+  init = _zeros_varying_like((m, n), a, a_scales, b, b_scales, layout)
+  acc, _ = lax.scan(step, init,
                     (_k_blocks(a[order], k_blocks), a_scales[order].T, _k_blocks(b, k_blocks),
                      b_rows))
   acc = jnp.where((key < groups)[:, None], acc, 0)
@@ -200,7 +211,7 @@ def _k_grouped_xla(a, a_scales, b, b_scales, group_k, *c):
     return lax.dynamic_update_index_in_dim(acc, updated, slot, 0), None
 
   k_blocks = k_total // BLOCK_K
-  init = jnp.zeros((groups, m, b.shape[0]), jnp.float32)
+  init = _zeros_varying_like((groups, m, b.shape[0]), a, a_scales, b, b_scales, group_k)
   acc, _ = lax.scan(step, init, (_k_blocks(a, k_blocks), a_scales.T, _k_blocks(b, k_blocks),
                                  b_scales.T, owner))
   if c:
@@ -250,13 +261,22 @@ def _k_grouped_ffi(a, a_scales, b, b_scales, group_k, *c):
                aliases={5: 0} if c else None)
 
 
-def _run(call: _custom_call.CustomCall, impl: str, ffi, xla, *args) -> jax.Array:
-  fn = _custom_call.select(call, impl, ffi=ffi, xla=xla)
-  return _custom_call.non_differentiable(fn, call.op, _NOT_DIFFERENTIABLE_HINT)(*args)
+def _run(call: _custom_call.CustomCall, impl: str, ffi, xla, *args, **static) -> jax.Array:
+  """Runs ``call`` under ``impl`` as one jitted function (cached per static
+  configuration, so eager calls compile once rather than op by op)."""
+  fn = _compiled(call, impl, _custom_call.is_disabled(call), ffi, xla,
+                 tuple(sorted(static.items())))
+  return fn(*args)
 
 
-def _bind(fn, **static):
-  return lambda *args: fn(*args, **static)
+@functools.cache
+def _compiled(call: _custom_call.CustomCall, impl: str, disabled: bool, ffi, xla,
+              static: tuple[tuple[str, object], ...]):
+  del disabled  # in the key: the kill switch is read when a function is traced
+  static = dict(static)
+  fn = _custom_call.select(call, impl, ffi=functools.partial(ffi, **static),
+                           xla=functools.partial(xla, **static))
+  return jax.jit(_custom_call.non_differentiable(fn, call.op, _NOT_DIFFERENTIABLE_HINT))
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -314,9 +334,8 @@ def fp8_gemm(a: jax.Array, a_scales: jax.Array, b: jax.Array, b_scales: jax.Arra
     extra = [c]
   if m == 0 or n == 0:
     return jnp.zeros((m, n), out_dtype) + (c if c is not None else 0)
-  static = dict(out_dtype=out_dtype, b_per_token=b_per_token)
-  return _run(FP8_GEMM, impl, _bind(_fp8_gemm_ffi, **static), _bind(_fp8_gemm_xla, **static),
-              a, a_scales, b, b_scales, *extra)
+  return _run(FP8_GEMM, impl, _fp8_gemm_ffi, _fp8_gemm_xla, a, a_scales, b, b_scales, *extra,
+              out_dtype=out_dtype, b_per_token=b_per_token)
 
 
 def grouped_fp8_gemm_contiguous(a: jax.Array, a_scales: jax.Array, b: jax.Array,
@@ -381,9 +400,8 @@ def grouped_fp8_gemm_contiguous(a: jax.Array, a_scales: jax.Array, b: jax.Array,
   out_dtype = _out_dtype(op, out_dtype)
   if m == 0 or n == 0 or groups == 0:
     return jnp.zeros((m, n), out_dtype)
-  static = dict(psum=psum, alignment=int(alignment), out_dtype=out_dtype)
-  return _run(GROUPED_FP8_GEMM_CONTIGUOUS, impl, _bind(_contiguous_ffi, **static),
-              _bind(_contiguous_xla, **static), a, a_scales, b, b_scales, layout)
+  return _run(GROUPED_FP8_GEMM_CONTIGUOUS, impl, _contiguous_ffi, _contiguous_xla, a, a_scales,
+              b, b_scales, layout, psum=psum, alignment=int(alignment), out_dtype=out_dtype)
 
 
 def grouped_fp8_gemm_masked(a: jax.Array, a_scales: jax.Array, b: jax.Array,
@@ -422,9 +440,8 @@ def grouped_fp8_gemm_masked(a: jax.Array, a_scales: jax.Array, b: jax.Array,
   out_dtype = _out_dtype(op, out_dtype)
   if m_max == 0 or groups == 0 or b.shape[1] == 0:
     return jnp.zeros((groups, m_max, b.shape[1]), out_dtype)
-  static = dict(out_dtype=out_dtype)
-  return _run(GROUPED_FP8_GEMM_MASKED, impl, _bind(_masked_ffi, **static),
-              _bind(_masked_xla, **static), a, a_scales, b, b_scales, masked_m_array)
+  return _run(GROUPED_FP8_GEMM_MASKED, impl, _masked_ffi, _masked_xla, a, a_scales, b, b_scales,
+              masked_m_array, out_dtype=out_dtype)
 
 
 def k_grouped_fp8_gemm(a: jax.Array, a_scales: jax.Array, b: jax.Array, b_scales: jax.Array,
