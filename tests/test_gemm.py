@@ -444,6 +444,15 @@ def test_shard_map_with_experts_sharded_over_8_devices(impl):
     assert calc_diff(d[dev], exact) < 1e-3
     assert np.all(d[dev][exact == 0] == 0)
 
+  # Dense, data parallel: tokens sharded, the weights replicated on every device.
+  xq, xs = per_token(normal(7, (64, 256)))
+  wq, ws = per_block(normal(8, (48, 256)))
+  fn = jax.jit(jax.shard_map(
+      functools.partial(gemm.fp8_gemm, out_dtype=jnp.float32, impl=impl), mesh=mesh,
+      in_specs=(P("e"), P("e"), P(), P()), out_specs=P("e")))
+  d = fn(*sharded(mesh, xq, xs), wq, ws)
+  assert calc_diff(d, gemm.fp8_gemm(xq, xs, wq, ws, out_dtype=jnp.float32, impl="xla")) < 1e-6
+
   # k-grouped: per device, its 2 experts' weight gradients from its own tokens.
   group_k = np.tile([128, 256], (8, 1)).astype(np.int32)
   a, b = normal(5, (8, 32, 384)), normal(6, (8, 48, 384))

@@ -98,36 +98,36 @@ def test_fp8_grouped_linear_clamps_device_group_sizes():
 
 def test_nnx_modules():
   rngs = nnx.Rngs(0)
-  dense = Fp8 = gemm.Fp8Dense(260, 70, rngs=rngs)
-  assert Fp8.kernel.value.shape == (70, 260) and Fp8.kernel.value.dtype == jnp.float32
-  assert Fp8.bias.value.shape == (70,)
-  # LeCun-normal over [out, in]: fan in is the last axis.
-  assert 0.5 / np.sqrt(260) < float(jnp.std(Fp8.kernel.value)) < 1.5 / np.sqrt(260)
-  dense.bias.value = normal(5, (70,))
+  dense = gemm.Fp8Dense(260, 70, rngs=rngs)
+  assert dense.kernel[...].shape == (70, 260) and dense.kernel[...].dtype == jnp.float32
+  assert dense.bias[...].shape == (70,)
+  # LeCun normal over [out, in]: fan in is the last axis.
+  assert 0.5 / np.sqrt(260) < float(jnp.std(dense.kernel[...])) < 1.5 / np.sqrt(260)
+  dense.bias[...] = normal(5, (70,))
   x = normal(2, (2, 5, 260), dtype=jnp.bfloat16)
   y = dense(x)
   assert y.dtype == jnp.bfloat16 and y.shape == (2, 5, 70)
-  want = gemm.fp8_linear(x, dense.kernel.value) + dense.bias.value.astype(jnp.bfloat16)
+  want = gemm.fp8_linear(x, dense.kernel[...]) + dense.bias[...].astype(jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
   assert gemm.Fp8Dense(8, 4, use_bias=False, dtype=jnp.bfloat16, rngs=rngs)(
       jnp.ones((3, 8))).dtype == jnp.bfloat16
 
   grouped = gemm.Fp8GroupedDense(4, 128, 64, rngs=rngs)
-  assert grouped.kernel.value.shape == (4, 64, 128)
+  assert grouped.kernel[...].shape == (4, 64, 128)
   sizes = jnp.asarray([3, 0, 5, 2])
   x = normal(3, (10, 128))
   np.testing.assert_array_equal(grouped(x, sizes),
-                                gemm.fp8_grouped_linear(x, grouped.kernel.value, sizes))
+                                gemm.fp8_grouped_linear(x, grouped.kernel[...], sizes))
   grads = nnx.grad(lambda m: jnp.sum(m(x, sizes) ** 2))(grouped)
-  assert grads.kernel.value.shape == (4, 64, 128)
-  np.testing.assert_array_equal(grads.kernel.value[1], 0)
+  assert grads.kernel[...].shape == (4, 64, 128)
+  np.testing.assert_array_equal(grads.kernel[...][1], 0)
 
 
 class Bf16Dense(gemm.Fp8Dense):
   """The baseline: the same parameters, GEMMs in bfloat16 with float32 accumulation."""
 
   def __call__(self, x):
-    return bf16_linear(x, self.kernel.value) + self.bias.value.astype(x.dtype)
+    return bf16_linear(x, self.kernel[...]) + self.bias[...].astype(x.dtype)
 
 
 class MLP(nnx.Module):
@@ -144,37 +144,39 @@ class MLP(nnx.Module):
     return x.astype(jnp.float32)
 
 
-def train(layer, inputs, targets, steps=300, batch=128):
-  model = MLP(layer, (128, 256, 128), nnx.Rngs(0))
+def train(layer, inputs, labels, classes, steps=300, batch=128):
+  """300 Adam steps of a 2-layer MLP classifier; returns the final loss on all data."""
+  model = MLP(layer, (inputs.shape[1], 256, classes), nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(2e-3), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
+
+  def loss_fn(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
   @jax.jit
   def step(state, x, y):
     model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), loss
 
-  losses = []
   for i in range(steps):
     start = (i * batch) % inputs.shape[0]
-    state, loss = step(state, inputs[start:start + batch], targets[start:start + batch])
-    losses.append(float(loss))
+    state, loss = step(state, inputs[start:start + batch], labels[start:start + batch])
+    assert np.isfinite(float(loss))
   model, _ = nnx.merge(graphdef, state)
-  return float(jnp.mean((model(inputs) - targets) ** 2)), losses
+  return float(loss_fn(model, inputs, labels))
 
 
 def test_mlp_trained_300_steps_with_fp8_dense_ends_within_2_percent_of_bf16():
+  # 16 classes of a random tanh teacher; every layer of the student is Fp8Dense.
   inputs = normal(0, (1024, 128))
-  teacher = normal(1, (128, 128), 1 / np.sqrt(128))
-  targets = jnp.tanh(inputs @ teacher) + 0.5 * jnp.sin(inputs[:, ::-1] @ teacher)
-  start = float(jnp.mean(targets ** 2))
-  fp8_loss, fp8_curve = train(gemm.Fp8Dense, inputs, targets)
-  bf16_loss, bf16_curve = train(Bf16Dense, inputs, targets)
-  assert fp8_loss < 0.2 * start and bf16_loss < 0.2 * start    # both learned
+  hidden = jnp.tanh(inputs @ normal(5, (128, 256), 1 / np.sqrt(128)))
+  labels = jnp.argmax(hidden @ normal(6, (256, 16), 1 / np.sqrt(256)), axis=1)
+  fp8_loss = train(gemm.Fp8Dense, inputs, labels, 16)
+  bf16_loss = train(Bf16Dense, inputs, labels, 16)
+  assert fp8_loss < 0.05 * np.log(16) and bf16_loss < 0.05 * np.log(16)   # both learned
   assert abs(fp8_loss - bf16_loss) <= 0.02 * bf16_loss, (fp8_loss, bf16_loss)
-  assert np.isfinite(fp8_curve).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -196,6 +198,7 @@ def test_fp8_grouped_linear_in_shard_map_with_experts_over_8_devices(impl):
   put = lambda a: jax.device_put(a, jax.NamedSharding(mesh, P("e")))
   (_, y), (dx, dw) = sharded(put(x), put(w), put(sizes), put(dy))
   assert len(dw.sharding.device_set) == 8
+  y, dx, dw = np.asarray(y), np.asarray(dx), np.asarray(dw)
   for dev in range(8):
     rows, experts = slice(dev * tokens, (dev + 1) * tokens), slice(2 * dev, 2 * dev + 2)
     want_y, want_dx, want_dw = value_and_grads(

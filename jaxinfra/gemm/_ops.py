@@ -222,12 +222,29 @@ def _k_grouped_xla(a, a_scales, b, b_scales, group_k, *c):
 # --- the custom calls: operands in the kernel layouts (see _layout) -----------------------------
 
 
+def _manual_axes(x: jax.Array) -> frozenset:
+  """The ``shard_map`` axes ``x`` varies over (empty outside ``shard_map``)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _vary(x: jax.Array, axes: frozenset) -> jax.Array:
+  missing = axes - _manual_axes(x)
+  return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
 def _call(call: _custom_call.CustomCall, result: jax.ShapeDtypeStruct, *operands,
           aliases: dict[int, int] | None = None, **attrs) -> jax.Array:
   # Every handler folds leading dimensions into a batch, so a vmapped call is
-  # one call with the batch dimension on every operand.
-  return jax.ffi.ffi_call(call.target, result, vmap_method="broadcast_all",
-                          input_output_aliases=aliases)(*operands, **attrs)
+  # one call with the batch dimension on every operand. Inside shard_map an
+  # ffi_call needs operands that vary over the same axes, and its result
+  # varies over them too (it is computed from per-device data).
+  axes = frozenset().union(*(_manual_axes(x) for x in operands))
+  out = jax.ffi.ffi_call(call.target, result, vmap_method="broadcast_all",
+                         input_output_aliases=aliases)(*(_vary(x, axes) for x in operands),
+                                                       **attrs)
+  return _vary(out, axes)
 
 
 def _kernel_a(a: jax.Array, a_scales: jax.Array) -> list[jax.Array]:
