@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "ffi/quant_args.h"
 #include "gemm/gemm.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -19,17 +20,8 @@ namespace ffi_gemm {
 
 namespace ffi = ::xla::ffi;
 
-inline std::string dims_str(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
-
-inline std::string dims_str(const std::vector<int64_t>& dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
+// "[d0, d1, ...]" of buffer dimensions or of a std::vector (shared with quant).
+using ffi_quant::dims_str;
 
 inline const char* type_name(ffi::DataType dtype) {
   switch (dtype) {

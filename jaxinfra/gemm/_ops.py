@@ -89,6 +89,15 @@ def _check_a(op: str, a, a_scales, dims: str) -> tuple[jax.Array, jax.Array]:
   return a, a_scales
 
 
+def _check_operands(op: str, a, a_scales, b, a_dims: str,
+                    b_dims: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """a (with its per-token scales) and b: e4m3 of the given ranks, equal k."""
+  a, a_scales = _check_a(op, a, a_scales, a_dims)
+  b = _fp8_operand(op, "b", b, b_dims)
+  _same(op, "a and b's k", a_k=a.shape[-1], b_k=b.shape[-1])
+  return a, a_scales, b
+
+
 def _check_weight_scales(op: str, b: jax.Array, b_scales) -> jax.Array:
   *lead, n, k = b.shape
   return _scales(op, "b_scales", b_scales, (*lead, ceil_div(n, BLOCK_N), ceil_div(k, BLOCK_K)),
@@ -328,9 +337,7 @@ def fp8_gemm(a: jax.Array, a_scales: jax.Array, b: jax.Array, b_scales: jax.Arra
     ``[m, n]`` in ``out_dtype``.
   """
   op = "fp8_gemm"
-  a, a_scales = _check_a(op, a, a_scales, "[m, k]")
-  b = _fp8_operand(op, "b", b, "[n, k]")
-  _same(op, "a and b's k", a_k=a.shape[1], b_k=b.shape[1])
+  a, a_scales, b = _check_operands(op, a, a_scales, b, "[m, k]", "[n, k]")
   (m, k), n = a.shape, b.shape[0]
   per_token_shape = (n, ceil_div(k, BLOCK_K))
   b_per_token = n > 1 and jnp.shape(b_scales) == per_token_shape
@@ -393,9 +400,7 @@ def grouped_fp8_gemm_contiguous(a: jax.Array, a_scales: jax.Array, b: jax.Array,
     ``[M, n]`` in ``out_dtype``.
   """
   op = "grouped_fp8_gemm_contiguous"
-  a, a_scales = _check_a(op, a, a_scales, "[M, k]")
-  b = _fp8_operand(op, "b", b, "[G, n, k]")
-  _same(op, "a and b's k", a_k=a.shape[1], b_k=b.shape[2])
+  a, a_scales, b = _check_operands(op, a, a_scales, b, "[M, k]", "[G, n, k]")
   b_scales = _check_weight_scales(op, b, b_scales)
   m, (groups, n, _) = a.shape[0], b.shape
   if (group_ends is None) == (m_indices is None):
@@ -444,10 +449,8 @@ def grouped_fp8_gemm_masked(a: jax.Array, a_scales: jax.Array, b: jax.Array,
     ``[G, m_max, n]`` in ``out_dtype``.
   """
   op = "grouped_fp8_gemm_masked"
-  a, a_scales = _check_a(op, a, a_scales, "[G, m_max, k]")
-  b = _fp8_operand(op, "b", b, "[G, n, k]")
+  a, a_scales, b = _check_operands(op, a, a_scales, b, "[G, m_max, k]", "[G, n, k]")
   _same(op, "a and b's groups", a_groups=a.shape[0], b_groups=b.shape[0])
-  _same(op, "a and b's k", a_k=a.shape[2], b_k=b.shape[2])
   b_scales = _check_weight_scales(op, b, b_scales)
   groups, m_max, _ = a.shape
   masked_m_array = _int_array(op, "masked_m", masked_m, (groups,))
@@ -490,9 +493,7 @@ def k_grouped_fp8_gemm(a: jax.Array, a_scales: jax.Array, b: jax.Array, b_scales
     ``[G, m, n]`` float32.
   """
   op = "k_grouped_fp8_gemm"
-  a, a_scales = _check_a(op, a, a_scales, "[m, K]")
-  b = _fp8_operand(op, "b", b, "[n, K]")
-  _same(op, "a and b's K", a_k=a.shape[1], b_k=b.shape[1])
+  a, a_scales, b = _check_operands(op, a, a_scales, b, "[m, K]", "[n, K]")
   (m, k_total), n = a.shape, b.shape[0]
   if k_total % BLOCK_K:
     raise ValueError(f"{op}: K must be a multiple of {BLOCK_K} (each group's K segment is "
