@@ -8,11 +8,10 @@ from importlib import metadata as _metadata
 
 from jaxinfra import _custom_call
 from jaxinfra import quant
-from jaxinfra import gemm
 
 try:
   __version__ = _metadata.version("jaxinfra")
 except _metadata.PackageNotFoundError:  # a source tree that is not installed
   __version__ = "0.0.0+source"
 
-__all__ = ["quant", "gemm", "__version__"]
+__all__ = ["quant", "__version__"]
