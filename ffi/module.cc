@@ -33,6 +33,10 @@ const Target kTargets[] = {
      JAXINFRA_CUDA_HANDLER(jaxinfra_quantize_per_block_cuda)},
     {"jaxinfra_moe_permute", jaxinfra_moe_permute_cpu, nullptr},
     {"jaxinfra_moe_unpermute", jaxinfra_moe_unpermute_cpu, nullptr},
+    {"jaxinfra_fp8_gemm", jaxinfra_fp8_gemm_cpu, nullptr},
+    {"jaxinfra_grouped_fp8_gemm_contiguous", jaxinfra_grouped_fp8_gemm_contiguous_cpu, nullptr},
+    {"jaxinfra_grouped_fp8_gemm_masked", jaxinfra_grouped_fp8_gemm_masked_cpu, nullptr},
+    {"jaxinfra_k_grouped_fp8_gemm", jaxinfra_k_grouped_fp8_gemm_cpu, nullptr},
 };
 
 nb::capsule handler_capsule(XLA_FFI_Handler* handler) {

@@ -253,6 +253,18 @@ def vary_like(value: Any, *inputs: Any) -> Any:
   return jax.tree_util.tree_map(cast, value)
 
 
+def ffi_call(target: str, result_shape_dtypes: Any, *operands: jax.Array, vmap_method: str,
+             input_output_aliases: dict[int, int] | None = None, **attrs: Any) -> Any:
+  """``jax.ffi.ffi_call(target, ...)(*operands, **attrs)`` that also works inside
+  ``shard_map`` when operands vary over different mesh axes (sharded tokens with
+  replicated weights, say): the operands are cast to the union of their varying
+  axes, which the results then vary over too."""
+  operands = tuple(vary_like(x, *operands) for x in operands)
+  call = jax.ffi.ffi_call(target, result_shape_dtypes, vmap_method=vmap_method,
+                          input_output_aliases=input_output_aliases)
+  return vary_like(call(*operands, **attrs), *operands)
+
+
 def _varying_like_inputs(fn: Callable) -> Callable:
   """``fn`` with its outputs typed as varying like its inputs: inside
   ``shard_map`` an ``ffi_call``'s results carry no varying axes, unlike the

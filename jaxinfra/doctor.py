@@ -21,8 +21,10 @@ import numpy as np
 
 import jaxinfra
 from jaxinfra import _custom_call
+from jaxinfra import gemm
 from jaxinfra import quant
 from jaxinfra.moe import permutation as moe_permutation
+from jaxinfra.testing.numerics import calc_diff
 
 _PLATFORMS = ("cpu", "cuda")
 
@@ -55,6 +57,28 @@ def _moe_unpermute_self_test() -> bool:
   return np.array_equal(np.asarray(got), np.asarray(want))
 
 
+def _gemm_self_test(op: str) -> Callable[[], bool]:
+  """FP8 GEMMs: the custom call agrees with the xla path to float32 rounding."""
+  def check() -> bool:
+    keys = jax.random.split(jax.random.key(0), 2)
+    xq, xs = quant.quantize_per_token(jax.random.normal(keys[0], (2, 40, 256)), impl="xla")
+    w = jax.random.normal(keys[1], (2, 24, 256))
+    wq, ws = quant.quantize_per_block(w, impl="xla")
+    tq, ts = quant.quantize_per_token(w[0], impl="xla")   # 1 x 128 scales for k-grouped
+    calls = {
+        "fp8_gemm": lambda impl: gemm.fp8_gemm(xq[0], xs[0], wq[0], ws[0], impl=impl),
+        "grouped_fp8_gemm_masked": lambda impl: gemm.grouped_fp8_gemm_masked(
+            xq, xs, wq, ws, jnp.asarray([40, 7]), impl=impl),
+        "grouped_fp8_gemm_contiguous": lambda impl: gemm.grouped_fp8_gemm_contiguous(
+            xq[0], xs[0], wq, ws, group_ends=jnp.asarray([5, 40]), alignment=8, impl=impl),
+        "k_grouped_fp8_gemm": lambda impl: gemm.k_grouped_fp8_gemm(
+            xq[0], xs[0], tq, ts, jnp.asarray([128, 128]), impl=impl),
+    }
+    got, want = (np.asarray(calls[op](impl), np.float32) for impl in ("ffi", "xla"))
+    return bool(np.array_equal(got == 0, want == 0) and calc_diff(got, want) < 1e-6)
+  return check
+
+
 # op -> check() comparing impl="ffi" with impl="xla" on the default backend.
 _SELF_TESTS: dict[str, Callable[[], bool]] = {
     "quantize_per_token": _quant_self_test(quant.quantize_per_token),
@@ -62,6 +86,10 @@ _SELF_TESTS: dict[str, Callable[[], bool]] = {
         lambda x, impl: quant.quantize_per_block(x, (32, 128), impl=impl)),
     "moe_permute": _moe_permute_self_test,
     "moe_unpermute": _moe_unpermute_self_test,
+    "fp8_gemm": _gemm_self_test("fp8_gemm"),
+    "grouped_fp8_gemm_contiguous": _gemm_self_test("grouped_fp8_gemm_contiguous"),
+    "grouped_fp8_gemm_masked": _gemm_self_test("grouped_fp8_gemm_masked"),
+    "k_grouped_fp8_gemm": _gemm_self_test("k_grouped_fp8_gemm"),
 }
 
 
@@ -146,7 +174,8 @@ def run(self_test: bool = True, out=None) -> int:
 
   if self_test and not error:
     current = _custom_call.current_platform()
-    print(f"\nself-test on {current} (impl='ffi' equals impl='xla' bit for bit)", file=out)
+    print(f"\nself-test on {current} (impl='ffi' equals impl='xla' bit for bit; FP8 GEMMs to "
+          f"float32 rounding)", file=out)
     for call in calls:
       if current not in _custom_call.available_platforms(call) or _custom_call.is_disabled(call):
         print(f"  {call.op:<{width}} skipped (no custom call here)", file=out)

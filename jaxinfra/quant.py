@@ -173,7 +173,7 @@ def _quantize_ffi(call: _custom_call.CustomCall, x: jax.Array, scales_shape: tup
              jax.ShapeDtypeStruct(scales_shape, jnp.float32))
   # Leading dimensions are folded into a batch by the handlers, so a vmapped
   # call is one call with an extra leading dimension.
-  q, scales = jax.ffi.ffi_call(call.target, results, vmap_method="broadcast_all")(x, **attrs)
+  q, scales = _custom_call.ffi_call(call.target, results, x, vmap_method="broadcast_all", **attrs)
   return q, scales
 
 

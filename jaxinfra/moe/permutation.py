@@ -139,12 +139,13 @@ def _unpermute_rows_xla(y: jax.Array, row_id_map: jax.Array, weights: jax.Array)
 
 def _permute_rows_ffi(x: jax.Array, row_id_map: jax.Array, *, num_rows: int) -> jax.Array:
   out = jax.ShapeDtypeStruct((num_rows, x.shape[1]), x.dtype)
-  return jax.ffi.ffi_call(PERMUTE.target, out, vmap_method="sequential")(x, row_id_map)
+  return _custom_call.ffi_call(PERMUTE.target, out, x, row_id_map, vmap_method="sequential")
 
 
 def _unpermute_rows_ffi(y: jax.Array, row_id_map: jax.Array, weights: jax.Array) -> jax.Array:
   out = jax.ShapeDtypeStruct((row_id_map.shape[0], y.shape[1]), y.dtype)
-  return jax.ffi.ffi_call(UNPERMUTE.target, out, vmap_method="sequential")(y, row_id_map, weights)
+  return _custom_call.ffi_call(UNPERMUTE.target, out, y, row_id_map, weights,
+                               vmap_method="sequential")
 
 
 def _permute_rows_raw(x, row_id_map, num_rows: int, impl: str) -> jax.Array:

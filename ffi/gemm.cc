@@ -1,0 +1,107 @@
+// CPU handlers of the FP8 GEMM custom calls: argument checks (gemm_args.h),
+// then the reference loops in csrc/gemm/gemm_cpu.cc. The CUDA handlers to come
+// register under the same targets with the same buffers and attributes.
+#include "ffi/gemm_args.h"
+#include "ffi/handlers.h"
+
+namespace jaxinfra {
+namespace ffi_gemm {
+namespace {
+
+const uint8_t* u8(const ffi::AnyBuffer& x) { return static_cast<const uint8_t*>(x.untyped_data()); }
+const float* f32(const ffi::AnyBuffer& x) { return static_cast<const float*>(x.untyped_data()); }
+const int32_t* s32(const ffi::AnyBuffer& x) {
+  return static_cast<const int32_t*>(x.untyped_data());
+}
+
+ffi::Error Fp8GemmCpu(ffi::AnyBuffer a, ffi::AnyBuffer sfa, ffi::AnyBuffer b, ffi::AnyBuffer sfb,
+                      std::optional<ffi::AnyBuffer> c, ffi::Result<ffi::AnyBuffer> d,
+                      bool b_per_token) {
+  Problem p;
+  JAXINFRA_GEMM_RETURN_IF_ERROR(fp8_gemm_args(a, sfa, b, sfb, c, *d, b_per_token, &p));
+  gemm::fp8_gemm_cpu(p.batch.size, p.m, p.n, p.k, u8(a), f32(sfa), u8(b), f32(sfb), b_per_token,
+                     c ? f32(*c) : nullptr, p.out, d->untyped_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupedFp8GemmMaskedCpu(ffi::AnyBuffer a, ffi::AnyBuffer sfa, ffi::AnyBuffer b,
+                                   ffi::AnyBuffer sfb, ffi::AnyBuffer masked_m,
+                                   ffi::Result<ffi::AnyBuffer> d) {
+  Problem p;
+  JAXINFRA_GEMM_RETURN_IF_ERROR(masked_args(a, sfa, b, sfb, masked_m, *d, &p));
+  gemm::grouped_fp8_gemm_masked_cpu(p.batch.size, p.m, p.n, p.k, u8(a), f32(sfa), u8(b),
+                                    f32(sfb), s32(masked_m), p.out, d->untyped_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupedFp8GemmContiguousCpu(ffi::AnyBuffer a, ffi::AnyBuffer sfa, ffi::AnyBuffer b,
+                                       ffi::AnyBuffer sfb, ffi::AnyBuffer layout,
+                                       ffi::Result<ffi::AnyBuffer> d, bool psum,
+                                       int64_t alignment) {
+  Problem p;
+  JAXINFRA_GEMM_RETURN_IF_ERROR(contiguous_args(a, sfa, b, sfb, layout, *d, psum, alignment, &p));
+  gemm::grouped_fp8_gemm_contiguous_cpu(p.batch.size, p.m, p.n, p.k, p.groups, u8(a), f32(sfa),
+                                        u8(b), f32(sfb), s32(layout), psum, alignment, p.out,
+                                        d->untyped_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error KGroupedFp8GemmCpu(ffi::AnyBuffer a, ffi::AnyBuffer sfa, ffi::AnyBuffer b,
+                              ffi::AnyBuffer sfb, ffi::AnyBuffer group_k,
+                              std::optional<ffi::AnyBuffer> c, ffi::Result<ffi::AnyBuffer> d) {
+  Problem p;
+  JAXINFRA_GEMM_RETURN_IF_ERROR(k_grouped_args(a, sfa, b, sfb, group_k, c, *d, &p));
+  gemm::k_grouped_fp8_gemm_cpu(p.batch.size, p.m, p.n, p.k, p.groups, u8(a), f32(sfa), u8(b),
+                               f32(sfb), s32(group_k), c ? f32(*c) : nullptr,
+                               static_cast<float*>(d->untyped_data()));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace ffi_gemm
+}  // namespace jaxinfra
+
+namespace ffi = ::xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_fp8_gemm_cpu, jaxinfra::ffi_gemm::Fp8GemmCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()          // a
+                                  .Arg<ffi::AnyBuffer>()          // sfa
+                                  .Arg<ffi::AnyBuffer>()          // b
+                                  .Arg<ffi::AnyBuffer>()          // sfb
+                                  .OptionalArg<ffi::AnyBuffer>()  // c (aliased with d)
+                                  .Ret<ffi::AnyBuffer>()          // d
+                                  .Attr<bool>("b_per_token"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_masked_cpu,
+                              jaxinfra::ffi_gemm::GroupedFp8GemmMaskedCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // sfa
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // sfb
+                                  .Arg<ffi::AnyBuffer>()  // masked_m
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_contiguous_cpu,
+                              jaxinfra::ffi_gemm::GroupedFp8GemmContiguousCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // sfa
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // sfb
+                                  .Arg<ffi::AnyBuffer>()  // m_indices or group_ends
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("psum")
+                                  .Attr<int64_t>("alignment"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_k_grouped_fp8_gemm_cpu,
+                              jaxinfra::ffi_gemm::KGroupedFp8GemmCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()          // a
+                                  .Arg<ffi::AnyBuffer>()          // sfa
+                                  .Arg<ffi::AnyBuffer>()          // b
+                                  .Arg<ffi::AnyBuffer>()          // sfb
+                                  .Arg<ffi::AnyBuffer>()          // group_k
+                                  .OptionalArg<ffi::AnyBuffer>()  // c (aliased with d)
+                                  .Ret<ffi::AnyBuffer>());
