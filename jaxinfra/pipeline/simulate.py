@@ -32,14 +32,16 @@ class SimResult:
     return max(self.bubble)
 
 
-def op_time(op: Op, *, F: float, B: float, W: float, FB: float | None = None) -> float:  # pylint: disable=invalid-name
-  """Duration of ``op``: F, B (full backward), I = B - W, W, FB (default F + B)."""
-  return {"F": F, "B": B, "I": B - W, "W": W,
+def op_time(op: Op, *, F: float, B: float, W: float, FB: float | None = None,  # pylint: disable=invalid-name
+            I: float | None = None) -> float:  # pylint: disable=invalid-name
+  """Duration of ``op``: F, B (full backward), I (default B - W), W, FB (default F + B)."""
+  return {"F": F, "B": B, "I": B - W if I is None else I, "W": W,
           "FB": F + B if FB is None else FB}[op.kind]
 
 
 def simulate(schedule: Schedule, *, F: float = 1.0, B: float = 2.0, W: float = 1.0,  # pylint: disable=invalid-name
-             FB: float | None = None, comm: float = 0.0) -> SimResult:
+             FB: float | None = None, comm: float = 0.0, I: float | None = None  # pylint: disable=invalid-name
+             ) -> SimResult:
   """Runs ``schedule`` on a timeline.
 
   Each rank runs its ops in order, each as soon as the rank is free and its
@@ -53,6 +55,10 @@ def simulate(schedule: Schedule, *, F: float = 1.0, B: float = 2.0, W: float = 1
     W: time of the weight-gradient part of B (an ``I`` op takes ``B - W``).
     FB: time of one overlapped forward + backward pair; default ``F + B``.
     comm: point-to-point latency between ranks.
+    I: time of the input-gradient half of a split backward; default ``B - W``
+      (a split costs nothing). Give it when a split backward costs more, as in
+      this package's executor, whose W recomputes the cotangents inside the
+      stage that the weight gradients need.
 
   Returns:
     A :class:`SimResult`.
@@ -62,7 +68,9 @@ def simulate(schedule: Schedule, *, F: float = 1.0, B: float = 2.0, W: float = 1
       raise ValueError(f"simulate: {name} must be >= 0, got {value}")
   if W > B:
     raise ValueError(f"simulate: W (weight-gradient part of B) must be <= B, got W={W}, B={B}")
-  duration = lambda op: op_time(op, F=F, B=B, W=W, FB=FB)
+  if I is not None and I < 0:
+    raise ValueError(f"simulate: I must be >= 0, got {I}")
+  duration = lambda op: op_time(op, F=F, B=B, W=W, FB=FB, I=I)
   start, end = list_schedule(schedule, duration, comm)
   makespan = max((t for row in end for t in row), default=0.0)
   busy = tuple(sum(duration(op) for op in ops) for ops in schedule.ops)
@@ -89,7 +97,8 @@ _COLORS = {  # (path 0, path 1): DualPipe's README uses one hue per direction
 
 def plot_schedule(schedule: Schedule, path: str, *, F: float = 1.0, B: float = 2.0,  # pylint: disable=invalid-name
                   W: float = 1.0, FB: float | None = None, comm: float = 0.0,
-                  title: str | None = None) -> SimResult:
+                  I: float | None = None, title: str | None = None  # pylint: disable=invalid-name
+                  ) -> SimResult:
   """Draws the simulated timeline of ``schedule`` as a PNG at ``path``.
 
   One row per rank; each op is a box as long as its simulated duration,
@@ -101,7 +110,7 @@ def plot_schedule(schedule: Schedule, path: str, *, F: float = 1.0, B: float = 2
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
 
-  result = simulate(schedule, F=F, B=B, W=W, FB=FB, comm=comm)
+  result = simulate(schedule, F=F, B=B, W=W, FB=FB, comm=comm, I=I)
   width = max(8.0, min(40.0, result.makespan * 0.35))
   fig, ax = plt.subplots(figsize=(width, 0.5 * schedule.num_ranks + 1.4))
   for r, ops in enumerate(schedule.ops):
