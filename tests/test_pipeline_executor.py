@@ -22,10 +22,9 @@ def x64():
     yield
 
 
-def _mesh(shape, names):
+def _mesh(shape, names, axis_type=jax.sharding.AxisType.Explicit):
   devices = jax.devices()[:int(np.prod(shape))]
-  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Explicit,) * len(shape),
-                       devices=devices)
+  return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape), devices=devices)
 
 
 # An MLP stage like DualPipe's example (Linear h->2h, GELU, Linear 2h->h, no bias) with a
@@ -142,11 +141,14 @@ def test_remat_and_a_model_supplied_overlap_hook(x64):
   _check_step("zb1p", 4, 6, remat=True)
 
 
-def test_float32_step_is_close_to_the_reference():
+def test_float32_step_under_jit_on_an_auto_mesh():
   params, tokens, labels = _model(4, 4, dtype=jnp.float32)
   ref_loss, ref_grads = jax.value_and_grad(_reference_loss)(params, tokens, labels, 4)
-  loss, grads = pl.pipeline_step(stage_fn, params, tokens, labels, loss_fn, schedule="zb1p",
-                                 mesh=_mesh((4,), ("pp",)), num_chunks=4, embed_fn=embed_fn)
+  mesh = _mesh((4,), ("pp",), jax.sharding.AxisType.Auto)
+  step = jax.jit(lambda p: pl.pipeline_step(stage_fn, p, tokens, labels, loss_fn,
+                                            schedule="zb1p", mesh=mesh, num_chunks=4,
+                                            embed_fn=embed_fn))
+  loss, grads = step(params)
   assert loss.dtype == jnp.float32
   assert calc_diff(loss, ref_loss) < 1e-10
   for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):

@@ -150,6 +150,18 @@ def make_plan(schedule: Schedule, *, remat: bool) -> Plan:
     tick_rows = [dict() for _ in range(num_ranks)]
     sends: list[list[tuple[str, str, Chunk]]] = [[] for _ in range(num_ranks)]
     local: list[list[tuple[str, Chunk, int]]] = [[] for _ in range(num_ranks)]
+
+    def emit(r, row, channel, what, chunk, step, field):
+      """The output of ``chunk`` for stage ``chunk.stage + step``: sent or kept."""
+      dest = _destination(schedule, r, chunk, step)
+      target = dataclasses.replace(chunk, stage=chunk.stage + step)
+      if dest == "local":
+        local[r].append((what, target, field))
+      elif dest is not None:
+        row[field] = channel[dest]
+        channel[dest] += 1
+        sends[r].append((dest, what, target))
+
     for r, op in enumerate(ops):
       row = tick_rows[r]
       if op is None:
@@ -162,14 +174,7 @@ def make_plan(schedule: Schedule, *, remat: bool) -> Plan:
         row[F_MB] = schedule.path_chunks[fwd.path][fwd.mb]
         if not schedule.is_first(fwd):
           row[F_IN] = acts[r].get(fwd) if keep_inputs else acts[r].release(fwd)
-        dest = _destination(schedule, r, fwd, +1)
-        nxt = dataclasses.replace(fwd, stage=fwd.stage + 1)
-        if dest == "local":
-          local[r].append(("act", nxt, F_OUT))
-        elif dest is not None:
-          row[F_OUT] = channel[dest]
-          channel[dest] += 1
-          sends[r].append((dest, "act", nxt))
+        emit(r, row, channel, "act", fwd, +1, F_OUT)
       chunk = bwd if bwd is not None else (op.chunk if op.kind == "W" else None)
       if chunk is not None:
         row[B_MB] = schedule.path_chunks[chunk.path][chunk.mb]
@@ -183,14 +188,7 @@ def make_plan(schedule: Schedule, *, remat: bool) -> Plan:
         else:
           row[B_RES] = take(stash[r], chunk)
         if op.kind != "W":
-          dest = _destination(schedule, r, chunk, -1)
-          prev = dataclasses.replace(chunk, stage=chunk.stage - 1)
-          if dest == "local":
-            local[r].append(("grad", prev, B_OUT))
-          elif dest is not None:
-            row[B_OUT] = channel[dest]
-            channel[dest] += 1
-            sends[r].append((dest, "grad", prev))
+          emit(r, row, channel, "grad", chunk, -1, B_OUT)
       for d in channel:
         max_channels[d] = max(max_channels[d], channel[d])
     # Allocations, after every read of this tick.

@@ -328,7 +328,13 @@ def _put(buf: jax.Array, index, value) -> jax.Array:
 
 
 def _reshard(mesh: jax.sharding.Mesh, x, spec: P) -> jax.Array:
-  return jax.reshard(jnp.asarray(x), jax.sharding.NamedSharding(mesh, spec))
+  """``x`` laid out as ``spec``: a reshard on explicit axes, a constraint on auto ones."""
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  explicit = [t == jax.sharding.AxisType.Explicit for t in types.values()]
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  if any(explicit) and all(types[a] == jax.sharding.AxisType.Explicit for a in _spec_axes(spec)):
+    return jax.reshard(jnp.asarray(x), sharding)
+  return lax.with_sharding_constraint(jnp.asarray(x), sharding)
 
 
 # --- the per-device program ---------------------------------------------------------------------
