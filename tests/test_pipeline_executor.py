@@ -249,3 +249,15 @@ def test_bad_input_names_the_requirement():
   with pytest.raises(ValueError, match="loss_fn must return a scalar"):
     pl.pipeline_step(stage_fn, params, tokens, labels, lambda h, y, t: y, embed_fn=embed_fn,
                      mesh=_mesh((4,), ("pp",)), schedule="1f1b", num_chunks=8)
+
+
+def test_falls_back_to_remat_when_vjp_residuals_are_not_arrays(x64, monkeypatch):
+  """If a JAX version stops exposing jax.vjp's residuals, the step recomputes instead."""
+  del x64
+  from jaxinfra.pipeline import executor  # pylint: disable=g-import-not-at-top
+
+  def unavailable(vjp, prm):
+    raise executor._StashUnavailable("test")  # pylint: disable=protected-access
+  monkeypatch.setattr(executor._Device, "_split_residuals", staticmethod(unavailable))  # pylint: disable=protected-access
+  with pytest.warns(RuntimeWarning, match="recomputing the forward"):
+    _check_step("1f1b", 2, 3)
