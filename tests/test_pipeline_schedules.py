@@ -100,6 +100,17 @@ def test_every_schedule_passes_the_invariants(name, ranks, chunks):
   for (r, op), t in when.items():
     for dep in sched_lib.dependencies(s, op):
       assert made[dep] < t, (r, s.label(op), dep)
+  # Every send goes to a neighbour (or stays on the rank) and reaches the rank that runs the
+  # chunk; each chunk's input and output gradient is sent exactly once.
+  sent = []
+  for t, row in enumerate(pl.tick_sends(s, table)):
+    for r, sends in enumerate(row):
+      for to, what, chunk in sends:
+        assert abs(to - r) <= 1 and to == s.where(chunk.path, chunk.stage)[0]
+        sent.append((what, chunk))
+  assert len(sent) == len(set(sent))
+  inner = sum(len(p) for p in s.path_chunks) * (s.num_stages - 1)
+  assert sum(w == "act" for w, _ in sent) == sum(w == "grad" for w, _ in sent) == inner
 
 
 def test_check_schedule_catches_broken_schedules():

@@ -2,7 +2,8 @@
 simulator, and an executor that runs them as one jitted ``shard_map`` program.
 
 * :mod:`jaxinfra.pipeline.schedules`: per-rank op lists (``make_schedule``),
-  their invariants (``check_schedule``) and static tick tables (``tick_table``).
+  their invariants (``check_schedule``) and static tick tables (``tick_table``,
+  ``tick_sends``).
 * :mod:`jaxinfra.pipeline.simulate`: ``simulate`` (bubbles, makespan, peak
   in-flight activations) and ``plot_schedule`` (a timeline PNG).
 * :mod:`jaxinfra.pipeline.executor`: ``pipeline_step`` (loss and gradients) and
@@ -13,11 +14,11 @@ from jaxinfra.pipeline.executor import (PipelineParams, default_overlapped_forwa
                                         pipeline_forward, pipeline_step)
 from jaxinfra.pipeline.schedules import (OP_KINDS, SCHEDULES, Chunk, Op, Schedule, check_schedule,
                                          dualpipe, dualpipev, gpipe, make_schedule, one_f_one_b,
-                                         stages_for, tick_table, zb1p)
+                                         stages_for, tick_sends, tick_table, zb1p)
 from jaxinfra.pipeline.simulate import SimResult, op_time, plot_schedule, simulate
 
 __all__ = [
     "OP_KINDS", "SCHEDULES", "Chunk", "Op", "PipelineParams", "Schedule", "SimResult",
     "check_schedule", "default_overlapped_forward_backward", "dualpipe", "dualpipev", "gpipe",
     "make_schedule", "one_f_one_b", "op_time", "pipeline_forward", "pipeline_step",
-    "plot_schedule", "simulate", "stages_for", "tick_table", "zb1p"]
+    "plot_schedule", "simulate", "stages_for", "tick_sends", "tick_table", "zb1p"]

@@ -16,7 +16,10 @@ The model:
 * ``embed_fn(embed_params, inputs_mb) -> x`` (optional; default: the inputs are
   the activations) runs before the first stage, and ``loss_fn(head_params, y,
   labels_mb) -> scalar`` after the last, on the ranks that hold those stages
-  (both end ranks for DualPipe, rank 0 for DualPipeV).
+  (both end ranks for DualPipe, rank 0 for DualPipeV). The embedding runs for
+  all micro-batches at once before the scan, and its gradient once after it
+  from each micro-batch's stage-0 input gradient (so a large, sparsely used
+  table is not touched on every tick).
 * The loss is the mean of ``loss_fn`` over all micro-batches (and over the
   batch shards, with ``batch_axes``); gradients are those of that mean.
 
@@ -32,6 +35,14 @@ Other residuals computed from parameters alone (e.g. ``w.T`` or ``w`` cast to
 bfloat16) are stashed per chunk; compute such things inside a
 ``jax.checkpoint`` or precompute them into the parameters.
 
+The split itself is XLA's dead-code elimination of one VJP: the input-gradient
+op (I) keeps only the ``dx`` path, the weight-gradient op (W) only the ``dW``
+path. W therefore recomputes the cotangents inside the stage that its weight
+gradients need (for a stack of dense layers, all but the first layer's input
+gradient), so I + W costs more than B. DualPipe's ``WeightGradStore`` avoids
+this with layers that store (input, output-gradient) pairs; a per-layer store
+is not implemented here. ``jaxinfra bench pipeline`` measures I and W.
+
 Overlap (DualPipe's ``F&B``): a tick that pairs the forward of one chunk with
 the backward of another computes both in the same branch of the ``switch``,
 so XLA's scheduler may run each one's collectives (the expert-parallel
@@ -44,18 +55,20 @@ these ticks by passing ``overlapped_forward_backward``::
       _, vjp = jax.vjp(backward_fn, *backward_args)
       return out, vjp(cotangent)                   # chunk B's gradients
 
-``forward_fn`` / ``backward_fn`` are the two chunks' functions (the stage,
-with the embedding before the first stage and the loss after the last):
-``fn(params, x)``, or ``fn(params)`` for a first-stage chunk, whose input
-micro-batch is bound inside. ``params`` is ``(stage, embed, head)`` (``None``
-for the parts the chunk lacks). The hook must return ``forward_fn``'s output
-and the ``jax.vjp`` gradients of ``backward_fn`` with respect to
-``backward_args`` at ``cotangent``; how it interleaves the two (splitting
-them into attention / dispatch / experts / combine pieces, ordering them with
+``forward_fn`` / ``backward_fn`` are the two chunks' functions
+``fn(params, x) -> y``: the stage, followed by the loss for a last-stage chunk
+(then ``y`` is the micro-batch's loss); ``x`` is the chunk's input activation
+(the embedded micro-batch for stage 0), ``params`` is ``(stage_params,
+head_params)`` (``head_params`` is ``None`` except for last-stage chunks). The
+hook must return ``forward_fn``'s output and the ``jax.vjp`` gradients
+``(d_params, d_x)`` of ``backward_fn`` at ``backward_args`` and
+``cotangent``; how it interleaves the two (splitting them into attention /
+dispatch / experts / combine pieces, ordering them with
 ``jax.lax.optimization_barrier``) is the model's business. Like DualPipe's
 hook, the backward inside it is never split; with a hook the executor keeps
 stage inputs and recomputes (``remat``), since the hook recomputes its
-backward chunk's forward from ``backward_args``.
+backward chunk's forward from ``backward_args``. The hook is traced once per
+kind of F&B tick.
 
 Other mesh axes: the program is a ``shard_map`` over every axis of ``mesh``.
 ``batch_axes`` names the axes the batch is split over (data or expert

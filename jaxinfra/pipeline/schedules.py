@@ -479,3 +479,32 @@ def tick_table(schedule: Schedule) -> list[list[Op | None]]:
     for i, op in enumerate(ops):
       table[int(start[r][i])][r] = op
   return table
+
+
+def tick_sends(schedule: Schedule, table: list[list[Op | None]] | None = None
+               ) -> list[list[list[tuple[int, str, Chunk]]]]:
+  """What each op of the tick table sends: ``[tick][rank]`` -> ``(to_rank, what, chunk)``.
+
+  ``what`` is ``"act"`` (a forward's output, the input of ``chunk``) or
+  ``"grad"`` (a backward's input gradient, the output gradient of ``chunk``).
+  ``to_rank`` is r+1 or r-1, or r itself for a hand-off on the rank (DualPipeV's
+  turn of the V). The executor carries remote sends with one ``ppermute`` per
+  direction at the end of the tick.
+  """
+  table = tick_table(schedule) if table is None else table
+  out = []
+  for row in table:
+    tick = []
+    for op in row:
+      sends = []
+      if op is not None:
+        fwd, bwd = op.forward_chunk(), op.backward_chunk()
+        if fwd is not None and fwd.stage + 1 < schedule.num_stages:
+          nxt = dataclasses.replace(fwd, stage=fwd.stage + 1)
+          sends.append((schedule.where(nxt.path, nxt.stage)[0], "act", nxt))
+        if bwd is not None and bwd.stage > 0:
+          prev = dataclasses.replace(bwd, stage=bwd.stage - 1)
+          sends.append((schedule.where(prev.path, prev.stage)[0], "grad", prev))
+      tick.append(sends)
+    out.append(tick)
+  return out
