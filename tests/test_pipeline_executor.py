@@ -184,7 +184,7 @@ def mse(_, y, target):
   return jnp.mean((y - target) ** 2)
 
 
-@pytest.mark.parametrize("schedule", ["dualpipev", "1f1b"])
+@pytest.mark.parametrize("schedule", ["dualpipev", pytest.param("1f1b", marks=pytest.mark.slow)])
 def test_stages_with_collectives_on_a_pp_ep_mesh(x64, schedule):
   del x64
   ranks, chunks, micro = 2, 4, 8
