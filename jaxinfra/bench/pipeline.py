@@ -41,7 +41,7 @@ except RuntimeError:  # backends already started: use the devices there are
 
 _SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 # (hidden, tokens per micro-batch, micro-batches)
-_SMALL = (256, 128, 16)
+_SMALL = (256, 512, 16)
 _FULL = (4096, 4096, 16)
 
 
