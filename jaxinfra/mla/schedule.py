@@ -28,6 +28,7 @@ s_q * h_q / h_kv]`` float32 (``num_splits[b] <= b + num_sm_parts``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -78,9 +79,13 @@ def num_tiles(cache_seqlens: jax.Array) -> jax.Array:
   return jnp.maximum(_core.ceil_div(jnp.maximum(cache_seqlens, 0), TILE), 1)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _schedule(tiles: jax.Array, parts: int) -> MLAMetadata:
   """The greedy walk of FlashMLA's ``get_mla_metadata_kernel``, in ``lax`` loops."""
   b = tiles.shape[0]
+  # Loop-carried values derive from `tiles` so that inside shard_map they vary
+  # over the same mesh axes as the values the loop bodies compute from it.
+  zero = tiles[0] - tiles[0]
   fixed = jnp.int32(FIXED_OVERHEAD_TILES)
   total = jnp.sum(tiles + fixed)
   payload = (total + parts - 1) // parts + fixed
@@ -103,7 +108,7 @@ def _schedule(tiles: jax.Array, parts: int) -> MLAMetadata:
     req, tile, split, cum, splits, meta = carry
     begin_req, begin_tile, begin_split = req, tile, split
     req, tile, split, cum, splits, _, _ = lax.while_loop(
-        lambda s: (s[0] < b) & ~s[6], take, (req, tile, split, cum, splits, payload, False))
+        lambda s: (s[0] < b) & ~s[6], take, (req, tile, split, cum, splits, payload, zero != 0))
     end_req = jnp.where(tile > 0, req, req - 1)
     end_tile = jnp.where(tile > 0, tile, tiles[jnp.clip(req - 1, 0, b - 1)])
     first_split = begin_tile != 0
@@ -112,12 +117,11 @@ def _schedule(tiles: jax.Array, parts: int) -> MLAMetadata:
     first_split, last_split = (jnp.where(one_req, first_split | last_split, first_split),
                                jnp.where(one_req, first_split | last_split, last_split))
     row = jnp.stack([begin_req, end_req, begin_tile, end_tile, begin_split,
-                     first_split.astype(jnp.int32), last_split.astype(jnp.int32), jnp.int32(0)])
+                     first_split.astype(jnp.int32), last_split.astype(jnp.int32), zero])
     return req, tile, split, cum, splits, meta.at[i].set(row)
 
-  zero = jnp.int32(0)
-  init = (zero, zero, zero, zero, jnp.zeros((b + 1,), jnp.int32),
-          jnp.zeros((parts, METADATA_WIDTH), jnp.int32))
+  init = (zero, zero, zero, zero, jnp.zeros((b + 1,), jnp.int32) + zero,
+          jnp.zeros((parts, METADATA_WIDTH), jnp.int32) + zero)
   *_, splits, meta = lax.fori_loop(0, parts, part, init)
   return MLAMetadata(meta, splits)
 
