@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import _mla_reference as ref
+from _mla_ffi import raw_decode
 from jaxinfra import mla
 from jaxinfra.mla import schedule
 
@@ -176,25 +177,13 @@ def test_bad_lengths_and_page_ids_give_nan_rows_only(impl):
   ref.check_decode(out[~poisoned], lse[~poisoned], want_out[~poisoned], want_lse[~poisoned])
 
 
-def _raw_ffi(q, kv, table, lengths, metadata):
-  """The custom call without mla_decode's sanitizing, as another caller might use it."""
-  b, s_q, h_q, _ = q.shape
-  h_kv, parts = kv.shape[2], metadata[0].shape[0]
-  rows = s_q * h_q // h_kv
-  shapes = [((b, s_q, h_q, 512), q.dtype), ((b, h_q, s_q), np.float32),
-            ((b + parts, h_kv, rows, 512), np.float32), ((b + parts, h_kv, rows), np.float32)]
-  call = jax.ffi.ffi_call(mla.MLA_DECODE.target, [jax.ShapeDtypeStruct(*s) for s in shapes],
-                          vmap_method="sequential")
-  return call(q, kv, table, lengths, *metadata, softmax_scale=np.float32(SCALE), causal=False)
-
-
 def test_custom_call_guards_itself_against_bad_data():
   q, kv, bad_table, bad_lengths, table, seqlens = bad_input_case()
   # The handler's own contract: bad requests count as length 0 for the schedule
   # and come back NaN; it reads nothing out of range (ids of +-2^31 would crash).
   lengths = np.where([False, True, False, True, True, True], 0, bad_lengths).astype(np.int32)
   metadata = jax.jit(mla.get_mla_metadata, static_argnums=(1, 2))(lengths, 4, 1)
-  out, lse, _, _ = jax.jit(_raw_ffi)(q, kv, bad_table, bad_lengths, metadata)
+  out, lse, _, _ = raw_decode(q, kv, bad_table, bad_lengths, metadata, softmax_scale=SCALE)
   poisoned = np.array([False, True, False, True, True, True])
   assert np.all(np.isnan(np.asarray(lse)[poisoned]))
   assert np.all(np.isnan(np.asarray(out.astype(jnp.float32))[poisoned]))
@@ -218,7 +207,8 @@ def test_custom_call_rejects_a_schedule_that_does_not_cover_the_requests(corrupt
     splits = splits.copy()
     splits[-1] += 1
   with pytest.raises(Exception, match="mla_decode: .*(schedule|num_splits|tile)"):
-    jax.block_until_ready(jax.jit(_raw_ffi)(q, kv, table, seqlens, (tile_meta, splits)))
+    jax.block_until_ready(raw_decode(q, kv, table, seqlens, (tile_meta, splits),
+                                     softmax_scale=SCALE))
 
 
 def test_precomputed_metadata_is_used_and_checked():
