@@ -5,7 +5,9 @@ In training and prefill every head has its own key ``[W_UK c_t ; k^R_t]`` (192
 channels: 128 NoPE + 64 RoPE) and value ``W_UV c_t`` (128 channels); that is
 ordinary multi-head attention with ``d_qk != d_v``, computed here with
 ``jax.nn.dot_product_attention`` (values zero-padded to the query width, which
-it requires, and the padding sliced off).
+it requires, and the padding sliced off). ``jax.nn.dot_product_attention``
+computes logits in float32, so float64 inputs (for gradient checks and
+references) take a plain float64 softmax instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ def _segments_from_cu_seqlens(cu_seqlens: jax.Array, total: int) -> jax.Array:
   tokens = jnp.arange(total, dtype=jnp.int32)
   seg = jnp.sum(tokens[:, None] >= cu_seqlens[None, 1:], axis=1).astype(jnp.int32)
   return jnp.where(tokens < cu_seqlens[-1], seg, -1)
+
+
+def _attention_float64(q, k, v, mask, scale: float, causal: bool) -> jax.Array:
+  """Softmax attention computed in float64 (GQA by head groups)."""
+  b, s_q, h_q, _ = q.shape
+  s_k, h_kv = k.shape[1], k.shape[2]
+  qg = q.reshape(b, s_q, h_kv, h_q // h_kv, -1)
+  logits = jnp.einsum("btgjd,bsgd->bgjts", qg, k) * scale
+  visible = jnp.ones((b, 1, 1, s_q, s_k), bool)
+  if mask is not None:
+    visible = visible & mask[:, :, None]
+  if causal:
+    visible = visible & jnp.tril(jnp.ones((s_q, s_k), bool))
+  probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1, where=visible)
+  out = jnp.einsum("bgjts,bsgd->btgjd", jnp.where(visible, probs, 0), v)
+  return out.reshape(b, s_q, h_q, -1)
 
 
 def _check(op: str, q, k, v) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -106,10 +124,13 @@ def mla_prefill(q: jax.Array, k: jax.Array, v: jax.Array, *, softmax_scale: floa
       same = same & jnp.tril(jnp.ones(same.shape[1:], bool))
     visible = jnp.any(same, axis=-1)                                      # [b, s_q]
     mask = same[:, None]
-  d_v = v.shape[-1]
-  v_padded = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - d_v)))
-  out = jax.nn.dot_product_attention(q, k, v_padded, mask=mask, scale=float(softmax_scale),
-                                     is_causal=causal)[..., :d_v]
+  if q.dtype == jnp.float64:
+    out = _attention_float64(q, k, v, mask, float(softmax_scale), causal)
+  else:
+    d_v = v.shape[-1]
+    v_padded = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - d_v)))
+    out = jax.nn.dot_product_attention(q, k, v_padded, mask=mask, scale=float(softmax_scale),
+                                       is_causal=causal)[..., :d_v]
   if visible is not None:
     out = jnp.where(visible[:, :, None, None], out, 0)
   return out.astype(q.dtype)
