@@ -22,6 +22,7 @@ import numpy as np
 import jaxinfra
 from jaxinfra import _custom_call
 from jaxinfra import quant
+from jaxinfra import mla
 
 _PLATFORMS = ("cpu", "cuda")
 
@@ -36,11 +37,26 @@ def _quant_self_test(fn: Callable) -> Callable[[], bool]:
   return check
 
 
+def _mla_decode_self_test() -> bool:
+  """Paged decode (a split request, an empty one, causal MTP rows): equal up to
+  float32 accumulation order and one bfloat16 rounding."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((2, 2, 4, 576)) / 10, jnp.bfloat16)
+  kv = jnp.asarray(rng.standard_normal((4, 64, 1, 576)) / 10, jnp.bfloat16)
+  args = (q, kv, jnp.array([[2, 0], [1, 3]], jnp.int32), jnp.array([100, 0], jnp.int32))
+  run = lambda impl: mla.mla_decode(*args, softmax_scale=0.07, causal=True, num_sms=8, impl=impl)
+  (out, lse), (want_out, want_lse) = run("ffi"), run("xla")
+  return (np.allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
+                      rtol=2 / 128, atol=1e-3)
+          and np.allclose(lse, want_lse, rtol=1e-5, atol=1e-5))
+
+
 # op -> check() comparing impl="ffi" with impl="xla" on the default backend.
 _SELF_TESTS: dict[str, Callable[[], bool]] = {
     "quantize_per_token": _quant_self_test(quant.quantize_per_token),
     "quantize_per_block": _quant_self_test(
         lambda x, impl: quant.quantize_per_block(x, (32, 128), impl=impl)),
+    "mla_decode": _mla_decode_self_test,
 }
 
 
@@ -125,7 +141,7 @@ def run(self_test: bool = True, out=None) -> int:
 
   if self_test and not error:
     current = _custom_call.current_platform()
-    print(f"\nself-test on {current} (impl='ffi' equals impl='xla' bit for bit)", file=out)
+    print(f"\nself-test on {current} (impl='ffi' against impl='xla')", file=out)
     for call in calls:
       if current not in _custom_call.available_platforms(call) or _custom_call.is_disabled(call):
         print(f"  {call.op:<{width}} skipped (no custom call here)", file=out)

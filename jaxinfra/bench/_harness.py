@@ -22,7 +22,7 @@ import jaxinfra
 from jaxinfra import _custom_call
 
 # Benchmark modules, imported on demand so that `jaxinfra bench --help` stays fast.
-_MODULES = ("jaxinfra.bench.quant",)
+_MODULES = ("jaxinfra.bench.quant", "jaxinfra.bench.mla")
 
 
 @dataclasses.dataclass(frozen=True)
