@@ -59,7 +59,7 @@ def test_absorbed_decode_equals_expanded_form(impl, q_lora_rank):
                                        decode_impl=impl)
   x = jax.random.normal(jax.random.key(1), (3, 140, DIM), jnp.float32)
   lengths = [70, 5, 129]                  # 2 pages, part of 1, 3 pages (page size 64)
-  steps = [1, 2, 1]                       # a token, an MTP pair, a token
+  steps = [1, 2]                          # a token, then an MTP pair
   cache = mla.PagedLatentCache.create(num_pages=12, max_seqs=3, max_blocks=4, dtype=jnp.float32)
   got, cache = prefill_then_decode(model, x, lengths, steps, cache)
   want = expanded_reference(model, x, lengths, steps)

@@ -135,7 +135,8 @@ SKEWED = {
 }
 
 
-@pytest.mark.parametrize("name", list(SKEWED))
+@pytest.mark.parametrize("name", [
+    "one_huge", "zeros", pytest.param("lognormal", marks=pytest.mark.slow)])
 def test_split_kv_execution_equals_unsplit_attention(name):
   """16 SMs and skewed lengths put most long requests in several splits."""
   rng = np.random.default_rng(3)

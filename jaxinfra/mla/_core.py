@@ -133,8 +133,9 @@ def sanitize(dims: DecodeDims, block_table: jax.Array,
 
 
 def gather_tokens(dims: DecodeDims, kv_cache: jax.Array, block_table: jax.Array,
-                  lengths: jax.Array, kv_format: str) -> jax.Array:
-  """Each request's tokens in order: ``[b, max_blocks * page, h_kv, 576]`` float32.
+                  lengths: jax.Array, kv_format: str, dtype) -> jax.Array:
+  """Each request's tokens in order: ``[b, max_blocks * page, h_kv, 576]`` in ``dtype``
+  (q's dtype; FP8 records dequantize exactly into bfloat16 and float32).
 
   Pages come from clipped block-table entries; every slot at or past a
   request's (sanitized) length is replaced by 0 with ``where``, so whatever
@@ -143,9 +144,9 @@ def gather_tokens(dims: DecodeDims, kv_cache: jax.Array, block_table: jax.Array,
   pages = kv_cache[jnp.clip(block_table, 0, dims.num_blocks - 1)]
   tokens = pages.reshape(dims.batch, dims.capacity, dims.h_kv, -1)
   if kv_format == "fp8":
-    tokens = kv_fp8.dequantize_kv_fp8(tokens)
+    tokens = kv_fp8.dequantize_kv_fp8(tokens, out_dtype=dtype)
   live = jnp.arange(dims.capacity, dtype=jnp.int32)[None, :] < lengths[:, None]
-  return jnp.where(live[:, :, None, None], tokens.astype(jnp.float32), 0.0)
+  return jnp.where(live[:, :, None, None], tokens.astype(dtype), 0)
 
 
 def row_lengths(lengths: jax.Array, s_q: int, causal: bool) -> jax.Array:
@@ -166,7 +167,8 @@ def grouped_scores(q: jax.Array, tokens: jax.Array, visible: jax.Array,
 
   Args:
     q: ``[b, s_q, h_q, 576]``.
-    tokens: ``[b, t, h_kv, 576]`` float32.
+    tokens: ``[b, t, h_kv, 576]`` in q's dtype (products are exact in float32,
+      sums are float32).
     visible: bool ``[b, s_q, t]``.
 
   Returns:
@@ -175,8 +177,9 @@ def grouped_scores(q: jax.Array, tokens: jax.Array, visible: jax.Array,
   """
   b, s_q, h_q, d = q.shape
   h_kv = tokens.shape[2]
-  qg = q.astype(jnp.float32).reshape(b, s_q, h_kv, h_q // h_kv, d)
-  scores = jnp.einsum("bsgjd,btgd->bsgjt", qg, tokens, precision=jax.lax.Precision.HIGHEST)
+  qg = q.reshape(b, s_q, h_kv, h_q // h_kv, d)
+  scores = jnp.einsum("bsgjd,btgd->bsgjt", qg, tokens, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
   scores = scores * np.float32(softmax_scale)
   return jnp.where(visible[:, :, None, None, :], scores, -jnp.inf)
 
@@ -187,7 +190,7 @@ def softmax_partial(scores: jax.Array, values: jax.Array,
 
   Args:
     scores: float32, ``-inf`` for masked keys.
-    values: float32, contracted with the softmax by ``subscripts``.
+    values: contracted (in float32) with the softmax by ``subscripts``.
     subscripts: ``einsum`` spec ``"scores,values->out"``.
 
   Returns:
@@ -198,7 +201,8 @@ def softmax_partial(scores: jax.Array, values: jax.Array,
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   p = jnp.exp(scores - top[..., None])
   total = jnp.sum(p, axis=-1)
-  out = jnp.einsum(subscripts, p, values, precision=jax.lax.Precision.HIGHEST)
+  out = jnp.einsum(subscripts, p, values.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
   live = total > 0
   lse = jnp.where(live, top + jnp.log(jnp.where(live, total, 1.0)), -jnp.inf)
   return lse, out / jnp.where(live, total, 1.0)[..., None]

@@ -29,7 +29,7 @@ _NOT_DIFFERENTIABLE_HINT = (
 def _decode_xla(dims: _core.DecodeDims, q, kv_cache, block_table, lengths, *,
                 softmax_scale: float, causal: bool, kv_format: str):
   """Single-pass masked softmax over each request's gathered pages (float32)."""
-  tokens = _core.gather_tokens(dims, kv_cache, block_table, lengths, kv_format)
+  tokens = _core.gather_tokens(dims, kv_cache, block_table, lengths, kv_format, q.dtype)
   keys = jnp.arange(dims.capacity, dtype=jnp.int32)
   visible = keys[None, None, :] < _core.row_lengths(lengths, dims.s_q, causal)[:, :, None]
   scores = _core.grouped_scores(q, tokens, visible, softmax_scale)
@@ -214,9 +214,9 @@ def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *,
   def sparse(q, kv_cache, indices, valid, attn_sink):
     flat = kv_cache.reshape(-1, kv_fp8.BYTES_PER_TOKEN)
     picked = flat[jnp.clip(indices, 0, flat.shape[0] - 1)]                  # [b, s, k, 656]
-    tokens = jnp.where(valid[..., None], kv_fp8.dequantize_kv_fp8(picked), 0.0)
-    scores = jnp.einsum("bshd,bskd->bshk", q.astype(jnp.float32), tokens,
-                        precision=jax.lax.Precision.HIGHEST) * np.float32(scale)
+    tokens = jnp.where(valid[..., None], kv_fp8.dequantize_kv_fp8(picked, q.dtype), 0)
+    scores = jnp.einsum("bshd,bskd->bshk", q, tokens, precision=jax.lax.Precision.HIGHEST,
+                        preferred_element_type=jnp.float32) * np.float32(scale)
     scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
     lse, out = _core.softmax_partial(scores, tokens[..., :_core.V_DIM], "bshk,bskc->bshc")
     # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink); empty rows stay 0.

@@ -204,7 +204,7 @@ def split_kv_reference(q: jax.Array, kv_cache: jax.Array, block_table: jax.Array
     raise ValueError(f"{op}: metadata must be ([num_sm_parts, 8], [b + 1]), got "
                      f"{meta.shape} and {splits.shape}")
   lengths, bad = _core.sanitize(dims, block_table, cache_seqlens)
-  tokens = _core.gather_tokens(dims, kv_cache, block_table, lengths, kv_format)
+  tokens = _core.gather_tokens(dims, kv_cache, block_table, lengths, kv_format, q.dtype)
   n_tiles = -(-dims.capacity // TILE)
   pad = n_tiles * TILE - dims.capacity
   tokens = jnp.pad(tokens, ((0, 0), (0, pad), (0, 0), (0, 0)))
