@@ -115,6 +115,8 @@ def test_config_validation():
                       qk_rope_head_dim=64, v_head_dim=8)
   model = mla.MultiHeadLatentAttention(cfg, rngs=nnx.Rngs(0))
   assert nnx.jit(lambda m: m(jnp.ones((1, 3, 32))))(model).shape == (1, 3, 32)  # any sizes
+  with pytest.raises(ValueError, match=r"x must be \[b, s, dim=32\], got shape \(1, 3, 31\)"):
+    model(jnp.ones((1, 3, 31)))
   cache = mla.PagedLatentCache.create(num_pages=1, max_seqs=1, max_blocks=1)
   with pytest.raises(ValueError, match="needs kv_lora_rank=512"):
     model.decode(jnp.ones((1, 1, 32)), cache, jnp.zeros((1,), jnp.int32))

@@ -126,6 +126,8 @@ def test_merge_partials_is_the_logsumexp_combine():
   np.testing.assert_allclose(got_lse, want_lse, rtol=1e-6)
   np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-6)
   assert got_lse[2] == -np.inf and np.all(np.asarray(got_out[2]) == 0)
+  with pytest.raises(ValueError, match=r"merge_partials: .*\(3, 5\), \(3, 4, 7\)"):
+    mla.merge_partials(lse, out[:, :4])
 
 
 SKEWED = {

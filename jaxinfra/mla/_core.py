@@ -227,6 +227,11 @@ def merge_partials(lse: jax.Array, out: jax.Array,
     ``(lse [..., k], out [..., k, d])``, or ``(lse [...], out [..., d])``
     without ``groups``.
   """
+  lse, out = jnp.asarray(lse), jnp.asarray(out)
+  if out.shape[:-1] != lse.shape or (groups is not None and jnp.shape(groups)[:-1] != lse.shape):
+    raise ValueError(f"merge_partials: need lse [..., n], out [..., n, d] and groups "
+                     f"[..., n, k]; got shapes {lse.shape}, {out.shape} and "
+                     f"{None if groups is None else jnp.shape(groups)}")
   if groups is None:
     merged = merge_partials(lse, out, jnp.ones((*lse.shape, 1), bool))
     return merged[0][..., 0], merged[1][..., 0, :]

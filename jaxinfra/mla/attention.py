@@ -106,6 +106,11 @@ class MultiHeadLatentAttention(nnx.Module):
 
   # --- pieces shared by both forms ---
 
+  def _check_x(self, op: str, x: jax.Array) -> None:
+    if x.ndim != 3 or x.shape[-1] != self.config.dim:
+      raise ValueError(f"MultiHeadLatentAttention.{op}: x must be [b, s, dim={self.config.dim}], "
+                       f"got shape {x.shape}")
+
   def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     return rope_lib.apply_rope(x, positions, rope_lib.inverse_frequencies(self.config.rope),
                                interleaved=self.config.interleaved_rope)
@@ -155,6 +160,7 @@ class MultiHeadLatentAttention(nnx.Module):
       says which rows were cached (see ``PagedLatentCache.append``).
     """
     c = self.config
+    self._check_x("__call__", x)
     b, s, _ = x.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -199,6 +205,7 @@ class MultiHeadLatentAttention(nnx.Module):
       raise ValueError(f"MultiHeadLatentAttention.decode: needs kv_lora_rank={_core.V_DIM} and "
                        f"qk_rope_head_dim={_core.QK_DIM - _core.V_DIM} (FlashMLA's 576/512 "
                        f"layout), got {c.kv_lora_rank} and {c.qk_rope_head_dim}")
+    self._check_x("decode", x)
     b, s_q, _ = x.shape
     _, cached = cache.lookup(seq_ids)
     positions = cached[:, None] + jnp.arange(s_q, dtype=jnp.int32)[None, :]
