@@ -8,6 +8,7 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_token_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_block_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_mla_decode_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_moe_permute_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_moe_unpermute_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_fp8_gemm_cpu);

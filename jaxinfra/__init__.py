@@ -8,10 +8,11 @@ from importlib import metadata as _metadata
 
 from jaxinfra import _custom_call
 from jaxinfra import quant
+from jaxinfra import mla
 
 try:
   __version__ = _metadata.version("jaxinfra")
 except _metadata.PackageNotFoundError:  # a source tree that is not installed
   __version__ = "0.0.0+source"
 
-__all__ = ["quant", "__version__"]
+__all__ = ["quant", "mla", "__version__"]

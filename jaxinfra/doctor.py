@@ -22,6 +22,7 @@ import numpy as np
 import jaxinfra
 from jaxinfra import _custom_call
 from jaxinfra import gemm
+from jaxinfra import mla
 from jaxinfra import quant
 from jaxinfra.moe import permutation as moe_permutation
 from jaxinfra.testing.numerics import calc_diff
@@ -37,6 +38,20 @@ def _quant_self_test(fn: Callable) -> Callable[[], bool]:
     return all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
                for a, b in zip(got, want))
   return check
+
+
+def _mla_decode_self_test() -> bool:
+  """Paged decode (a split request, an empty one, causal MTP rows): equal up to
+  float32 accumulation order and one bfloat16 rounding."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((2, 2, 4, 576)) / 10, jnp.bfloat16)
+  kv = jnp.asarray(rng.standard_normal((4, 64, 1, 576)) / 10, jnp.bfloat16)
+  args = (q, kv, jnp.array([[2, 0], [1, 3]], jnp.int32), jnp.array([100, 0], jnp.int32))
+  run = lambda impl: mla.mla_decode(*args, softmax_scale=0.07, causal=True, num_sms=8, impl=impl)
+  (out, lse), (want_out, want_lse) = run("ffi"), run("xla")
+  return (np.allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
+                      rtol=2 / 128, atol=1e-3)
+          and np.allclose(lse, want_lse, rtol=1e-5, atol=1e-5))
 
 
 def _moe_permute_self_test() -> bool:
@@ -84,6 +99,7 @@ _SELF_TESTS: dict[str, Callable[[], bool]] = {
     "quantize_per_token": _quant_self_test(quant.quantize_per_token),
     "quantize_per_block": _quant_self_test(
         lambda x, impl: quant.quantize_per_block(x, (32, 128), impl=impl)),
+    "mla_decode": _mla_decode_self_test,
     "moe_permute": _moe_permute_self_test,
     "moe_unpermute": _moe_unpermute_self_test,
     "fp8_gemm": _gemm_self_test("fp8_gemm"),
@@ -174,8 +190,7 @@ def run(self_test: bool = True, out=None) -> int:
 
   if self_test and not error:
     current = _custom_call.current_platform()
-    print(f"\nself-test on {current} (impl='ffi' equals impl='xla' bit for bit; FP8 GEMMs to "
-          f"float32 rounding)", file=out)
+    print(f"\nself-test on {current} (impl='ffi' against impl='xla')", file=out)
     for call in calls:
       if current not in _custom_call.available_platforms(call) or _custom_call.is_disabled(call):
         print(f"  {call.op:<{width}} skipped (no custom call here)", file=out)

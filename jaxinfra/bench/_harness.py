@@ -22,8 +22,8 @@ import jaxinfra
 from jaxinfra import _custom_call
 
 # Benchmark modules, imported on demand so that `jaxinfra bench --help` stays fast.
-_MODULES = ("jaxinfra.bench.quant", "jaxinfra.bench.gemm", "jaxinfra.bench.moe", "jaxinfra.bench.eplb",
-            "jaxinfra.bench.pipeline", "jaxinfra.bench.ckpt")
+_MODULES = ("jaxinfra.bench.quant", "jaxinfra.bench.mla", "jaxinfra.bench.gemm", "jaxinfra.bench.moe",
+            "jaxinfra.bench.eplb", "jaxinfra.bench.pipeline", "jaxinfra.bench.ckpt")
 
 
 @dataclasses.dataclass(frozen=True)
