@@ -1,4 +1,8 @@
-"""Test setup: 8 CPU devices for mesh code, and the gpu marker's skip."""
+"""Test setup: 8 CPU devices for mesh code, the gpu marker's skip, and the
+checkout's ``pipelines``/``models`` packages on sys.path."""
+
+import os
+import sys
 
 import jax
 import pytest
@@ -14,6 +18,12 @@ if jaxinfra._custom_call.extension_error():  # pylint: disable=protected-access
               f"{jaxinfra._custom_call.extension_error()}. Install the package "  # pylint: disable=protected-access
               "(pip install .) and run `pytest` rather than `python -m pytest`, which puts "
               "the source tree first on sys.path.", returncode=2)
+
+# pipelines/ and models/ are run from a checkout, not installed. Appended, so the
+# installed jaxinfra (imported above) keeps precedence over the source tree.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.append(_ROOT)
 
 
 def _has_gpu() -> bool:
