@@ -145,3 +145,69 @@ def test_layer_rejects_bad_mesh_and_inputs(mesh):
     model(jnp.zeros((4, 64)))
   with pytest.raises(ValueError, match="tokens 12 .* must be divisible by the EP size 8"):
     model(jnp.zeros((12, 128)))
+
+
+@pytest.mark.slow
+def test_eplb_placement_equals_the_unreplicated_layer(mesh):
+  """An EPLB placement (64 experts in 80 slots over ep=8, replicas of the hot experts)."""
+  from jaxinfra import eplb  # pylint: disable=g-import-not-at-top
+  cfg = checks.layer_config()
+  loads = eplb.zipf_loads(1, checks.E, seed=3)[0]
+  placement = eplb.ExpertPlacement.create(loads, 80, checks.N_GROUPS, 1, 8)
+  assert int(placement.logcnt.max()) > 1
+  plain = moe.MoE(**cfg, mesh=mesh, ep_axis="ep", rngs=nnx.Rngs(0))
+  placed = moe.MoE(**cfg, mesh=mesh, ep_axis="ep", num_slots=80, rngs=nnx.Rngs(5))
+  bias = jnp.asarray(np.linspace(-0.05, 0.05, checks.E), jnp.float32)
+  plain.gate_bias[...] = bias
+  for name, w in plain.params().items():
+    if name not in ("w_gate", "w_up", "w_down"):
+      getattr(placed, name)[...] = w
+  phys = moe.physical_expert_weights(
+      placement, {n: plain.params()[n] for n in ("w_gate", "w_up", "w_down")})
+  for name, w in phys.items():
+    assert w.shape[0] == 80
+    getattr(placed, name)[...] = w
+  x = np.random.default_rng(8).standard_normal((128, 128)).astype(np.float32)
+  xs = checks.put(x, mesh, jax.sharding.PartitionSpec("ep"))
+  y_ref, stats_ref = nnx.jit(lambda m, x: m(x))(plain, xs)
+  y, stats = nnx.jit(lambda m, x, p: m(x, placement=p))(placed, xs, placement)
+  y_ref, y = np.asarray(y_ref), np.asarray(y)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+  np.testing.assert_array_equal(stats.tokens_per_expert, stats_ref.tokens_per_expert)
+  # Per-slot loads: the placement's routing of the same logical choices, by global token id.
+  logits = jnp.dot(jnp.asarray(x), plain.router[...])
+  idx, _ = jax.jit(lambda l, b: moe.route(l, bias=b, top_k=checks.K, n_groups=checks.N_GROUPS,
+                                          topk_groups=checks.TOPK_GROUPS))(logits, bias)
+  np.testing.assert_array_equal(stats_ref.tokens_per_expert,
+                                np.bincount(np.asarray(idx).ravel(), minlength=checks.E))
+  want = np.bincount(np.asarray(placement.route(idx, np.arange(128))).ravel(), minlength=80)
+  np.testing.assert_array_equal(stats.tokens_per_slot, want)
+  replicated = np.flatnonzero(np.asarray(placement.logcnt) > 1)
+  for e in replicated:  # every replica of a loaded replicated expert takes tokens
+    slots = np.asarray(placement.log2phy)[e, :int(placement.logcnt[e])]
+    if np.asarray(stats.tokens_per_expert)[e] >= len(slots):
+      assert (np.asarray(stats.tokens_per_slot)[slots] > 0).all()
+  # The local (no EP) layer with the same placement agrees too.
+  local = moe.MoE(**cfg, num_slots=80, rngs=nnx.Rngs(5))
+  for name, w in placed.params().items():
+    getattr(local, name)[...] = jnp.asarray(np.asarray(w))  # unsharded copies
+  y_local, stats_local = nnx.jit(lambda m, x, p: m(x, placement=p))(local, x, placement)
+  np.testing.assert_allclose(y_local, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+  np.testing.assert_array_equal(stats_local.tokens_per_slot, want)
+
+
+def test_placement_bad_arguments(mesh):
+  from jaxinfra import eplb  # pylint: disable=g-import-not-at-top
+  model = moe.MoE(**checks.layer_config(), mesh=mesh, ep_axis="ep", num_slots=80,
+                  rngs=nnx.Rngs(0))
+  x = jnp.zeros((16, 128))
+  four = eplb.ExpertPlacement.create(np.ones(checks.E), 80, checks.N_GROUPS, 1, 4)
+  with pytest.raises(ValueError, match="placement is for num_gpus=4, the EP size is 8"):
+    model(x, placement=four)
+  wrong = eplb.ExpertPlacement.unreplicated(checks.E, 8)
+  with pytest.raises(ValueError, match="64 experts in 64 slots, the layer has"):
+    model(x, placement=wrong)
+  with pytest.raises(ValueError, match="placement or expert_map, not both"):
+    model(x, placement=four, expert_map=lambda i: i)
+  with pytest.raises(ValueError, match=r"w_gate must have shape \[64, ...\]"):
+    moe.physical_expert_weights(wrong, {"w_gate": jnp.zeros((60, 2))})

@@ -12,7 +12,7 @@ low_latency_combine) and ``layer`` (MoE).
 from jaxinfra.moe.normal import (Dispatched, DispatchHandle, cached_dispatch, combine,
                                    dispatch)
 from jaxinfra.moe.layer import (MoE, MoEStats, RouterBias, grouped_linear, masked_grouped_linear,
-                                replicated_expert_map)
+                                physical_expert_weights, replicated_expert_map)
 from jaxinfra.moe.layout import dispatch_layout
 from jaxinfra.moe.low_latency import (LowLatencyDispatched, LowLatencyHandle,
                                       low_latency_combine, low_latency_dispatch)
@@ -23,6 +23,7 @@ __all__ = [
     "Dispatched", "DispatchHandle", "LowLatencyDispatched", "LowLatencyHandle", "MoE",
     "MoEStats", "Permuted", "RouterBias", "cached_dispatch", "combine", "dispatch",
     "dispatch_layout", "grouped_linear", "low_latency_combine", "low_latency_dispatch",
-    "masked_grouped_linear", "permute", "permute_map", "replicated_expert_map", "route",
+    "masked_grouped_linear", "permute", "permute_map", "physical_expert_weights",
+    "replicated_expert_map", "route",
     "sequence_aux_loss", "unpermute", "update_bias",
 ]

@@ -44,3 +44,8 @@ def same_rows(op: str, names: tuple[str, str], a: jax.Array, b: jax.Array) -> No
 def same_shape(op: str, names: tuple[str, str], a: jax.Array, b: jax.Array) -> None:
   if a.shape != b.shape:
     raise ValueError(f"{op}: {names[1]} must have {names[0]}'s shape {a.shape}, got {b.shape}")
+
+
+def accum_dtype(dtype) -> np.dtype:
+  """Where the MoE accumulates ``dtype`` values: float32, or float64 for float64."""
+  return np.dtype(jnp.promote_types(dtype, jnp.float32))

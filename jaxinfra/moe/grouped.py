@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxinfra import _custom_call
+from jaxinfra.moe import _validate
 
 
 def _work_items(group_sizes: jax.Array, num_tiles: int, tile: int):
@@ -53,6 +54,7 @@ def _row_mask(tile_index, group, valid, starts, ends, tile: int):
 
 def _gmm_forward(x, w, group_sizes, tile: int):
   m, n = x.shape[0], w.shape[2]
+  acc_dtype = _validate.accum_dtype(x.dtype)
   num_tiles = -(-m // tile)
   group, tile_index, valid, starts, ends = _work_items(group_sizes, num_tiles, tile)
   xp = _pad_rows(x, num_tiles * tile)
@@ -60,12 +62,12 @@ def _gmm_forward(x, w, group_sizes, tile: int):
   def step(out, item):
     g, t, ok = item
     xt = lax.dynamic_slice_in_dim(xp, t * tile, tile)
-    prod = jnp.dot(xt, w[g], preferred_element_type=jnp.float32)
+    prod = jnp.dot(xt, w[g], preferred_element_type=acc_dtype)
     mask = _row_mask(t, g, ok, starts, ends, tile)
     acc = lax.dynamic_slice_in_dim(out, t * tile, tile) + jnp.where(mask[:, None], prod, 0)
     return lax.dynamic_update_slice_in_dim(out, acc, t * tile, 0), None
 
-  out0 = _custom_call.vary_like(jnp.zeros((num_tiles * tile, n), jnp.float32), x, w, group_sizes)
+  out0 = _custom_call.vary_like(jnp.zeros((num_tiles * tile, n), acc_dtype), x, w, group_sizes)
   out, _ = lax.scan(step, out0, (group, tile_index, valid))
   return out[:m]
 
@@ -73,6 +75,7 @@ def _gmm_forward(x, w, group_sizes, tile: int):
 def _gmm_weight_grad(x, g_out, group_sizes, num_groups: int, tile: int):
   """[G, k, n]: sum over group g's rows of x[r]^T g_out[r]."""
   m, k, n = x.shape[0], x.shape[1], g_out.shape[1]
+  acc_dtype = _validate.accum_dtype(x.dtype)
   num_tiles = -(-m // tile)
   group, tile_index, valid, starts, ends = _work_items(group_sizes, num_tiles, tile)
   xp = _pad_rows(x, num_tiles * tile)
@@ -83,11 +86,11 @@ def _gmm_weight_grad(x, g_out, group_sizes, num_groups: int, tile: int):
     mask = _row_mask(t, g, ok, starts, ends, tile)
     xt = jnp.where(mask[:, None], lax.dynamic_slice_in_dim(xp, t * tile, tile), 0)
     gt = lax.dynamic_slice_in_dim(gp, t * tile, tile)
-    part = jnp.dot(xt.T, gt, preferred_element_type=jnp.float32)
+    part = jnp.dot(xt.T, gt, preferred_element_type=acc_dtype)
     current = lax.dynamic_index_in_dim(acc, g, keepdims=False)
     return lax.dynamic_update_index_in_dim(acc, current + part, g, 0), None
 
-  acc0 = _custom_call.vary_like(jnp.zeros((num_groups, k, n), jnp.float32), x, g_out,
+  acc0 = _custom_call.vary_like(jnp.zeros((num_groups, k, n), acc_dtype), x, g_out,
                                 group_sizes)
   acc, _ = lax.scan(step, acc0, (group, tile_index, valid))
   return acc
@@ -122,7 +125,8 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, tile: int = 64) -
     tile: rows per work item.
 
   Returns:
-    ``[M, n]`` in ``x``'s dtype, float32 accumulation; differentiable in ``x``
+    ``[M, n]`` in ``x``'s dtype, float32 accumulation (float64 for float64
+    ``x``); differentiable in ``x``
     and ``w``.
   """
   if x.ndim != 2 or w.ndim != 3 or w.shape[1] != x.shape[1]:

@@ -7,8 +7,18 @@
    ``gate_bias``, a :class:`RouterBias` variable updated by
    :meth:`MoE.update_bias`, never by gradients).
 2. Placement: logical expert ids map to *physical slots* (``num_slots``
-   experts' weights, ``[P, ...]``). The default is the identity (``P = E``);
-   an EPLB placement is plugged in with ``expert_map`` (see
+   experts' weights, ``[P, ...]``). The default is the identity (``P = E``).
+   An EPLB placement (:class:`jaxinfra.eplb.ExpertPlacement`, replicated
+   experts) is passed per call, ``layer(x, placement=placement)``, with the
+   layer's expert weights built by :func:`physical_expert_weights`::
+
+       layer = MoE(..., num_slots=placement.num_slots, ...)
+       phys = physical_expert_weights(placement, {"w_gate": wg, "w_up": wu, "w_down": wd})
+       for name, w in phys.items():
+         getattr(layer, name)[...] = w
+       y, stats = layer(x, placement=placement)   # stats.tokens_per_slot: [P]
+
+   Any other map from logical ids to slots goes in ``expert_map`` (see
    :func:`replicated_expert_map`).
 3. Routed experts: SwiGLU experts ``w_gate, w_up [P, I, H]`` and
    ``w_down [P, H, I]`` (``[groups, n, k]``, the layout of
@@ -76,6 +86,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinfra import quant
+from jaxinfra.eplb import ExpertPlacement
+from jaxinfra.moe import _validate
 from jaxinfra.moe import grouped
 from jaxinfra.moe import normal as dispatch_lib
 from jaxinfra.moe import low_latency as low_latency_lib
@@ -122,13 +134,14 @@ def grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     fp8: use the FP8 grouped GEMM (not yet available: runs in ``x``'s dtype).
 
   Returns:
-    ``[M, n]`` in ``x``'s dtype (float32 accumulation).
+    ``[M, n]`` in ``x``'s dtype (float32 accumulation, float64 for float64).
   """
   del fp8
   w_kn = jnp.swapaxes(w, 1, 2).astype(x.dtype)
 
   def ragged(x, w_kn, group_sizes):
-    out = lax.ragged_dot(x, w_kn, group_sizes, preferred_element_type=jnp.float32)
+    out = lax.ragged_dot(x, w_kn, group_sizes,
+                         preferred_element_type=_validate.accum_dtype(x.dtype))
     return out.astype(x.dtype)
 
   def scanned(x, w_kn, group_sizes):
@@ -146,13 +159,40 @@ def masked_grouped_linear(x: jax.Array, w: jax.Array, counts: jax.Array, *,
   switch point for ``grouped_fp8_gemm_masked``; ``fp8`` is ignored until then.
   """
   del fp8
-  out = jnp.einsum("gmk,gnk->gmn", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  out = jnp.einsum("gmk,gnk->gmn", x, w.astype(x.dtype),
+                   preferred_element_type=_validate.accum_dtype(x.dtype))
   live = jnp.arange(x.shape[1])[None, :, None] < counts[:, None, None]
   return jnp.where(live, out, 0).astype(x.dtype)
 
 
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-  return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+  acc = _validate.accum_dtype(gate.dtype)
+  return (jax.nn.silu(gate.astype(acc)) * up.astype(acc)).astype(gate.dtype)
+
+
+def physical_expert_weights(placement: ExpertPlacement,
+                            experts: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Physical expert weights for ``placement`` from logical ones (a jittable gather).
+
+  Args:
+    placement: a single-layer :class:`jaxinfra.eplb.ExpertPlacement`
+      (``E`` experts, ``P`` slots).
+    experts: ``{name: [E, ...]}``, e.g. ``w_gate``/``w_up [E, I, H]`` and
+      ``w_down [E, H, I]`` of an unreplicated layer.
+
+  Returns:
+    ``{name: [P, ...]}``: slot ``p`` holds expert ``placement.phy2log[p]``'s
+    weights; assign them to a ``MoE(num_slots=P)`` layer's ``w_gate`` etc.
+    and call it with ``placement=placement``.
+  """
+  if not isinstance(placement, ExpertPlacement) or placement.num_layers is not None:
+    raise ValueError("physical_expert_weights: placement must be a single-layer "
+                     f"ExpertPlacement, got {placement!r}")
+  for name, w in experts.items():
+    if jnp.ndim(w) < 1 or jnp.shape(w)[0] != placement.num_experts:
+      raise ValueError(f"physical_expert_weights: {name} must have shape "
+                       f"[{placement.num_experts}, ...] (logical experts), got {jnp.shape(w)}")
+  return {name: placement.physical_weights(w) for name, w in experts.items()}
 
 
 def replicated_expert_map(logical_to_physical: jax.Array,
@@ -295,13 +335,19 @@ class MoE(nnx.Module):
 
   # -- the pieces, as functions of arrays -------------------------------------------------------
 
-  def _route(self, x, router, bias, expert_map):
-    logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
+  def _route(self, x, router, bias, expert_map, placement, first_token):
+    acc = _validate.accum_dtype(self.dtype)
+    logits = jnp.dot(x.astype(acc), router.astype(acc))
     topk_idx, topk_weights = routing.route(
         logits, bias=bias, top_k=self.top_k, n_groups=self.n_groups,
         topk_groups=self.topk_groups, routed_scaling_factor=self.routed_scaling_factor,
         score_func=self.score_func)
-    slots = topk_idx if expert_map is None else expert_map(topk_idx)
+    if placement is not None:  # replicas share an expert's tokens by global token id
+      slots = placement.route(topk_idx, first_token + jnp.arange(x.shape[0], dtype=jnp.int32))
+    elif expert_map is not None:
+      slots = expert_map(topk_idx)
+    else:
+      slots = topk_idx
     return topk_idx, slots, topk_weights
 
   def _shared(self, x, shared):
@@ -335,8 +381,8 @@ class MoE(nnx.Module):
                             length=self.num_slots + 1)[:self.num_slots]
     return per_expert.astype(jnp.int32), per_slot.astype(jnp.int32)
 
-  def _local(self, x, router, bias, experts, shared, expert_map):
-    topk_idx, slots, weights = self._route(x, router, bias, expert_map)
+  def _local(self, x, router, bias, experts, shared, expert_map, placement=None):
+    topk_idx, slots, weights = self._route(x, router, bias, expert_map, placement, 0)
     h = x.astype(self.dtype)
     routed = permute_lib.permute(h, slots, self.num_slots,
                                  num_rows=self._expert_rows(slots.size, x.shape[0]), impl=self.impl)
@@ -345,14 +391,15 @@ class MoE(nnx.Module):
     per_expert, per_slot = self._counts(topk_idx, slots)
     return y + self._shared(h, shared), MoEStats(per_expert, per_slot, routed.num_dropped)
 
-  def _ep(self, x, router, bias, experts, shared, expert_map):
+  def _ep(self, x, router, bias, experts, shared, expert_map, placement=None):
     axes = _mesh_axes(self.ep_axis)
     axis = self.ep_axis if isinstance(self.ep_axis, str) else axes
     ranks = dispatch_lib.axis_size(axis)
     per_rank = self.num_slots // ranks
-    topk_idx, slots, weights = self._route(x, router, bias, expert_map)
+    n = x.shape[0]
+    first_token = lax.axis_index(axes).astype(jnp.int32) * n  # rank r holds rows [r*n, (r+1)*n)
+    topk_idx, slots, weights = self._route(x, router, bias, expert_map, placement, first_token)
     h = x.astype(self.dtype)
-    n = h.shape[0]
     if self.mode == "low_latency":
       tokens = self.max_tokens_per_rank or n
       sent = low_latency_lib.low_latency_dispatch(h, slots, axis_name=axis,
@@ -412,8 +459,8 @@ class MoE(nnx.Module):
     return {name: split if name in _EXPERT_WEIGHTS else P() for name in self.params()}
 
   def __call__(self, x: jax.Array, *,
-               expert_map: Callable[[jax.Array], jax.Array] | None = None
-               ) -> tuple[jax.Array, MoEStats]:
+               expert_map: Callable[[jax.Array], jax.Array] | None = None,
+               placement: ExpertPlacement | None = None) -> tuple[jax.Array, MoEStats]:
     """Applies the layer.
 
     Args:
@@ -422,15 +469,23 @@ class MoE(nnx.Module):
         tokens); with ``ep_axis`` and no mesh, this rank's tokens.
       expert_map: maps ``topk_idx [n, K]`` logical ids to physical slots in
         ``[0, P)`` (e.g. :func:`replicated_expert_map`); None: identity.
+      placement: an EPLB placement (a single-layer
+        :class:`jaxinfra.eplb.ExpertPlacement` with ``num_slots == P`` and
+        ``num_experts == E``; index a stacked one: ``placement[layer]``).
+        Token ``t`` (its global index in ``x``) sends its choice of expert
+        ``e`` to replica ``t mod logcnt[e]`` (:meth:`ExpertPlacement.route`).
+        The expert weights must be physical: slot ``p`` holds expert
+        ``phy2log[p]`` (:func:`physical_expert_weights`). Excludes
+        ``expert_map``.
 
     Returns:
       ``(y [N, H] in the compute dtype, MoEStats)``.
     """
-    return self.apply(self.params(), x, expert_map=expert_map)
+    return self.apply(self.params(), x, expert_map=expert_map, placement=placement)
 
   def apply(self, params: dict[str, jax.Array], x: jax.Array, *,
-            expert_map: Callable[[jax.Array], jax.Array] | None = None
-            ) -> tuple[jax.Array, MoEStats]:
+            expert_map: Callable[[jax.Array], jax.Array] | None = None,
+            placement: ExpertPlacement | None = None) -> tuple[jax.Array, MoEStats]:
     """The layer as a function of explicit arrays (no module state read or written).
 
     Args:
@@ -438,7 +493,7 @@ class MoE(nnx.Module):
         (``ep_axis`` without ``mesh``), this rank's local blocks: expert
         weights ``[P/R, ...]`` (specs from :meth:`param_specs`), the rest whole.
       x: as in :meth:`__call__`.
-      expert_map: as in :meth:`__call__`.
+      expert_map, placement: as in :meth:`__call__`.
 
     Returns:
       ``(y, MoEStats)`` as in :meth:`__call__`; ``MoEStats`` are summed over
@@ -453,9 +508,10 @@ class MoE(nnx.Module):
     experts = tuple(params[n] for n in _EXPERT_WEIGHTS)
     shared = (tuple(params[n] for n in ("shared_gate", "shared_up", "shared_down"))
               if self.num_shared else ())
+    self._check_placement(placement, expert_map)
     if self.ep_axis is None:
       self._check_experts(experts, self.num_slots, "")
-      return self._local(x, router, bias, experts, shared, expert_map)
+      return self._local(x, router, bias, experts, shared, expert_map, placement)
     if self.mesh is None:  # already inside a shard_map over the EP axes
       try:
         ranks = math.prod(dispatch_lib.axis_size(a) for a in _mesh_axes(self.ep_axis))
@@ -466,27 +522,52 @@ class MoE(nnx.Module):
         raise ValueError(f"MoE: num_slots={self.num_slots} must be divisible by the EP size "
                          f"{ranks}")
       self._check_experts(experts, self.num_slots // ranks, " (this rank's slots)")
-      return self._ep(x, router, bias, experts, shared, expert_map)
+      self._check_placement_ranks(placement, ranks)
+      return self._ep(x, router, bias, experts, shared, expert_map, placement)
     self._check_experts(experts, self.num_slots, "")
     axes = _mesh_axes(self.ep_axis)
     ranks = math.prod(self.mesh.shape[a] for a in axes)
     if x.shape[0] % ranks:
       raise ValueError(f"MoE: the number of tokens {x.shape[0]} (x shape {x.shape}) must be "
                        f"divisible by the EP size {ranks}")
+    self._check_placement_ranks(placement, ranks)
     split, whole = P(axes), P()
 
-    def body(x, router, bias, experts, shared):
-      return self._ep(x, router, bias, experts, shared, expert_map)
+    def body(x, router, bias, experts, shared, placement):
+      return self._ep(x, router, bias, experts, shared, expert_map, placement)
 
     run = jax.shard_map(
         body, mesh=self.mesh,
-        in_specs=(split, whole, whole, (split,) * 3, (whole,) * len(shared)),
+        in_specs=(split, whole, whole, (split,) * 3, (whole,) * len(shared), whole),
         out_specs=(split, MoEStats(whole, whole, whole)))
     args = (_to_spec(x, self.mesh, split), _to_spec(router, self.mesh, whole),
             _to_spec(bias, self.mesh, whole),
             tuple(_to_spec(w, self.mesh, split) for w in experts),
-            tuple(_to_spec(w, self.mesh, whole) for w in shared))
+            tuple(_to_spec(w, self.mesh, whole) for w in shared),
+            jax.tree_util.tree_map(lambda a: _to_spec(a, self.mesh, whole), placement))
     return run(*args)
+
+  def _check_placement(self, placement, expert_map) -> None:
+    if placement is None:
+      return
+    if expert_map is not None:
+      raise ValueError("MoE: give placement or expert_map, not both")
+    if not isinstance(placement, ExpertPlacement):
+      raise ValueError(f"MoE: placement must be a jaxinfra.eplb.ExpertPlacement, got "
+                       f"{type(placement).__name__}")
+    if placement.num_layers is not None:
+      raise ValueError(f"MoE: placement has {placement.num_layers} layers; pass this layer's "
+                       "(placement[layer])")
+    if (placement.num_experts, placement.num_slots) != (self.num_experts, self.num_slots):
+      raise ValueError(f"MoE: placement is for {placement.num_experts} experts in "
+                       f"{placement.num_slots} slots, the layer has num_experts="
+                       f"{self.num_experts}, num_slots={self.num_slots}")
+
+  @staticmethod
+  def _check_placement_ranks(placement, ranks: int) -> None:
+    if placement is not None and placement.num_gpus != ranks:
+      raise ValueError(f"MoE: placement is for num_gpus={placement.num_gpus}, the EP size is "
+                       f"{ranks}")
 
   def _check_experts(self, experts, slots: int, where: str) -> None:
     want = {"w_gate": (slots, self.intermediate, self.hidden),

@@ -133,7 +133,8 @@ class Dispatched(NamedTuple):
     recv_x: ``[R*C, H]`` in ``x``'s dtype, or float8_e4m3fn with ``fp8=True``.
     recv_scales: ``[R*C, H/128]`` float32 with ``fp8=True`` (else None).
     recv_topk_idx: ``[R*C, K]`` int32 local expert ids or -1.
-    recv_topk_weights: ``[R*C, K]`` float32, 0 where the id is -1.
+    recv_topk_weights: ``[R*C, K]`` float32 (float64 for float64 weights), 0
+      where the id is -1.
     num_recv_tokens_per_expert: ``[E/R]`` int32 received tokens per local expert.
     num_recv_tokens_per_rank: ``[R]`` int32 rows received from each source rank.
     num_dropped: int32, (token, destination rank) pairs dropped by this rank
@@ -364,7 +365,7 @@ def dispatch(x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array, *, axis
   Args:
     x: ``[N, H]`` this rank's tokens (float; bf16 in DeepSeek-V3).
     topk_idx: ``[N, K]`` integer global expert ids, -1 for none.
-    topk_weights: ``[N, K]`` float top-k weights (sent as float32).
+    topk_weights: ``[N, K]`` float top-k weights (sent as float32, float64 kept).
     axis_name: the EP mesh axis, or ``(node_axis, local_axis)`` for two-level EP.
     num_experts: ``E``, divisible by the EP size ``R``.
     capacity: rows each rank accepts from each source rank (default ``N``:
@@ -418,8 +419,9 @@ def dispatch(x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array, *, axis
   recv_ids = forward_rows(ids + 1, handle) - 1
   mine = (recv_ids >= 0) & (recv_ids // per_rank == me)
   recv_local = jnp.where(mine, recv_ids - me * per_rank, -1).astype(jnp.int32)
-  recv_weights = forward_rows(topk_weights.astype(jnp.float32), handle)
-  recv_weights = jnp.where(mine, recv_weights, np.float32(0))
+  recv_weights = forward_rows(topk_weights.astype(_validate.accum_dtype(topk_weights.dtype)),
+                              handle)
+  recv_weights = jnp.where(mine, recv_weights, 0)
   per_expert = jnp.bincount(jnp.where(mine, recv_local, per_rank).reshape(-1),
                             length=per_rank + 1)[:per_rank].astype(jnp.int32)
   per_source = handle.recv_sizes[-1]
@@ -440,7 +442,7 @@ def combine(y: jax.Array, handle: DispatchHandle) -> jax.Array:
 
   Returns:
     ``[N, H]`` in ``y``'s dtype: the unweighted sum over the token's
-    destination ranks, accumulated in float32 in rank order (two-level: inside
+    destination ranks, accumulated in float32 (float64 for float64 ``y``) in rank order (two-level: inside
     the node first, then across nodes). Tokens with no valid expert get 0.
   """
   op = "combine"

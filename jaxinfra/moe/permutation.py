@@ -118,19 +118,19 @@ def _permute_rows_xla(x: jax.Array, row_id_map: jax.Array, *, num_rows: int) -> 
 
 
 def _take_rows(y: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """y[index] as float32 with zeros where index is outside [0, m), and the mask."""
+  """y[index] in the accumulation dtype, zeros where index is outside [0, m); the mask."""
   m = y.shape[0]
   ok = (index >= 0) & (index < m)
   rows = jnp.take(y, jnp.where(ok, index, m), axis=0, mode="fill", fill_value=0)
-  return rows.astype(jnp.float32), ok
+  return rows.astype(_validate.accum_dtype(y.dtype)), ok
 
 
 def _unpermute_rows_xla(y: jax.Array, row_id_map: jax.Array, weights: jax.Array) -> jax.Array:
   n, d = row_id_map.shape
-  acc = jnp.zeros((n, y.shape[1]), jnp.float32)
+  acc = jnp.zeros((n, y.shape[1]), _validate.accum_dtype(y.dtype))
   for j in range(d):  # top-k order, as the custom call
     rows, ok = _take_rows(y, row_id_map[:, j])
-    acc = acc + jnp.where(ok[:, None], weights[:, j:j + 1] * rows, np.float32(0))
+    acc = acc + jnp.where(ok[:, None], weights[:, j:j + 1] * rows, 0)
   return acc.astype(y.dtype)
 
 
@@ -156,6 +156,7 @@ def _permute_rows_raw(x, row_id_map, num_rows: int, impl: str) -> jax.Array:
 
 
 def _unpermute_rows_raw(y, row_id_map, weights, impl: str) -> jax.Array:
+  weights = weights.astype(_validate.accum_dtype(y.dtype))
   if y.dtype not in _UNPERMUTE_FFI_DTYPES:
     if impl == "ffi":
       raise ValueError(f"moe_unpermute: impl='ffi' handles float32 and bfloat16, got y of dtype "
@@ -166,10 +167,10 @@ def _unpermute_rows_raw(y, row_id_map, weights, impl: str) -> jax.Array:
 
 
 def _weights_by_row(weights: jax.Array, row_id_map: jax.Array, num_rows: int) -> jax.Array:
-  """[M] float32: the weight of the copy each row holds (0 for empty rows)."""
+  """[M]: the weight of the copy each row holds (0 for empty rows)."""
   flat = row_id_map.reshape(-1)
   target = jnp.where((flat >= 0) & (flat < num_rows), flat, num_rows)
-  return jnp.zeros((num_rows,), jnp.float32).at[target].set(weights.reshape(-1), mode="drop")
+  return jnp.zeros((num_rows,), weights.dtype).at[target].set(weights.reshape(-1), mode="drop")
 
 
 # --- differentiable row movement (used by dispatch/combine too) ----------------------------------
@@ -202,7 +203,9 @@ def permute_rows(x: jax.Array, row_id_map: jax.Array, num_rows: int, impl: str =
 
 def unpermute_rows(y: jax.Array, row_id_map: jax.Array, weights: jax.Array | None = None,
                    impl: str = "auto") -> jax.Array:
-  """``out [N, H]``, ``out[i] = sum_j weights[i, j] * y[row_id_map[i, j]]`` in float32.
+  """``out [N, H]``, ``out[i] = sum_j weights[i, j] * y[row_id_map[i, j]]``, float32 sums.
+
+  (float64 sums for float64 ``y``.)
 
   ``weights`` None means all ones. Differentiable in ``y`` (VJP: a permute of
   the cotangent times the weights) and ``weights`` (a per-copy dot product).
@@ -232,13 +235,14 @@ def unpermute_rows(y: jax.Array, row_id_map: jax.Array, weights: jax.Array | Non
 
   def weighted_bwd(residuals, g):
     y, weights, row_id_map = residuals
-    moved = _permute_rows_raw(g, row_id_map, num_rows, impl).astype(jnp.float32)
-    grad_y = moved * _weights_by_row(weights, row_id_map, num_rows)[:, None]
-    g32 = g.astype(jnp.float32)
+    acc = _validate.accum_dtype(y.dtype)
+    moved = _permute_rows_raw(g, row_id_map, num_rows, impl).astype(acc)
+    grad_y = moved * _weights_by_row(weights.astype(acc), row_id_map, num_rows)[:, None]
+    g_acc = g.astype(acc)
     grad_w = []
     for j in range(row_id_map.shape[1]):
       rows, ok = _take_rows(y, row_id_map[:, j])
-      grad_w.append(jnp.where(ok, jnp.sum(rows * g32, axis=1), np.float32(0)))
+      grad_w.append(jnp.where(ok, jnp.sum(rows * g_acc, axis=1), 0))
     return grad_y.astype(y.dtype), jnp.stack(grad_w, axis=1).astype(weights.dtype), None
 
   weighted.defvjp(weighted_fwd, weighted_bwd)
@@ -294,12 +298,13 @@ def unpermute(y: jax.Array, row_id_map: jax.Array, weights: jax.Array | None = N
       expert outputs in :func:`permute`'s row order.
     row_id_map: ``[N, K]`` int32 from :func:`permute` (entries outside
       ``[0, M)`` contribute nothing).
-    weights: ``[N, K]`` float32 top-k weights, or None for a plain sum.
+    weights: ``[N, K]`` float32 top-k weights (float64 with float64 ``y``), or
+      None for a plain sum.
     impl: ``"auto"``, ``"ffi"`` or ``"xla"``.
 
   Returns:
     ``[N, H]`` in ``y``'s dtype: ``sum_k weights[n, k] * y[row_id_map[n, k]]``
-    accumulated in float32 in top-k order.
+    accumulated in float32 (float64 for float64 ``y``) in top-k order.
   """
   op = "unpermute"
   y = _validate.array(op, "y", y, ndim=2, dims="[M, H]", kind="float")
@@ -307,6 +312,6 @@ def unpermute(y: jax.Array, row_id_map: jax.Array, weights: jax.Array | None = N
                                dtypes=(jnp.int32,))
   if weights is not None:
     weights = _validate.array(op, "weights", weights, ndim=2, dims="[N, K]",
-                              dtypes=(jnp.float32,))
+                              dtypes=(jnp.float32, jnp.float64))
     _validate.same_shape(op, ("row_id_map", "weights"), row_id_map, weights)
   return unpermute_rows(y, row_id_map, weights, impl)

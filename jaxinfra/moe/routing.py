@@ -2,7 +2,8 @@
 
 ``route`` follows DeepSeek-V3's gate (the inference code's ``Gate.forward``):
 
-1. ``scores = sigmoid(logits)`` (or softmax) in float32.
+1. ``scores = sigmoid(logits)`` (or softmax) in float32 (float64 for float64
+   logits).
 2. Selection uses ``scores + bias`` (the aux-loss-free balancing bias).
 3. Experts form ``n_groups`` contiguous groups; a group's score is the sum of
    its two largest biased scores; the ``topk_groups`` best groups stay
@@ -31,7 +32,7 @@ SCORE_FUNCS = ("sigmoid", "softmax")
 def _scores(op: str, logits: jax.Array, score_func: str) -> jax.Array:
   if score_func not in SCORE_FUNCS:
     raise ValueError(f"{op}: score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
-  logits = logits.astype(jnp.float32)
+  logits = logits.astype(_validate.accum_dtype(logits.dtype))
   return jax.nn.sigmoid(logits) if score_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
 
 
@@ -41,7 +42,8 @@ def route(scores_logits: jax.Array, *, bias: jax.Array | None = None, top_k: int
   """DeepSeek-V3's group-limited expert selection.
 
   Args:
-    scores_logits: ``[N, E]`` router logits (any float dtype; computed in float32).
+    scores_logits: ``[N, E]`` router logits (any float dtype; computed in float32,
+      or float64 for float64 logits).
     bias: ``[E]`` expert bias for selection only (None: zeros).
     top_k: experts per token ``K``.
     n_groups: expert groups (``E % n_groups == 0``); 1 disables group limiting.
@@ -50,7 +52,8 @@ def route(scores_logits: jax.Array, *, bias: jax.Array | None = None, top_k: int
     score_func: ``"sigmoid"`` (DeepSeek-V3) or ``"softmax"``.
 
   Returns:
-    ``(topk_idx [N, K] int32, topk_weights [N, K] float32)``: expert ids in
+    ``(topk_idx [N, K] int32, topk_weights [N, K] float32)`` (float64 weights
+    for float64 logits): expert ids in
     descending biased score, and their weights (each row sums to
     ``routed_scaling_factor``). Differentiable in ``scores_logits`` through
     the weights.
@@ -81,7 +84,7 @@ def route(scores_logits: jax.Array, *, bias: jax.Array | None = None, top_k: int
     bias = _validate.array(op, "bias", bias, ndim=1, dims="[E]", kind="float")
     if bias.shape != (e,):
       raise ValueError(f"{op}: bias must have shape ({e},), got {bias.shape}")
-    biased = scores + bias.astype(jnp.float32)
+    biased = scores + bias.astype(scores.dtype)
   selection = jax.lax.stop_gradient(biased)
   if n_groups > 1:
     grouped = selection.reshape(n, n_groups, group_size)
@@ -91,8 +94,8 @@ def route(scores_logits: jax.Array, *, bias: jax.Array | None = None, top_k: int
     selection = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, e)
   _, topk_idx = jax.lax.top_k(selection, top_k)
   weights = jnp.take_along_axis(scores, topk_idx, axis=1)
-  weights = weights / (jnp.sum(weights, axis=1, keepdims=True) + np.float32(1e-20))
-  return topk_idx.astype(jnp.int32), weights * np.float32(routed_scaling_factor)
+  weights = weights / (jnp.sum(weights, axis=1, keepdims=True) + scores.dtype.type(1e-20))
+  return topk_idx.astype(jnp.int32), weights * scores.dtype.type(routed_scaling_factor)
 
 
 def update_bias(bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> jax.Array:
