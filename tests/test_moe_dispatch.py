@@ -1,6 +1,8 @@
 """jaxinfra.moe dispatch/combine on 8 CPU devices: DeepEP's checks, two-level EP,
 low-latency mode, gradients, static memory, bad input."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,15 +122,15 @@ def _local_avals(jaxpr, inside=False, out=None):
   return out
 
 
-def _layer_loss(num_experts, mesh):
+def _layer_loss(num_experts, mesh, **kw):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  cfg = checks.layer_config(num_experts=num_experts, intermediate=16, hidden=128)
+  cfg = checks.layer_config(num_experts=num_experts, intermediate=16, hidden=128, **kw)
   model = moe.MoE(**cfg, mesh=mesh, ep_axis="ep", capacity_factor=1.25, rngs=nnx.Rngs(0))
   graph, state = nnx.split(model)
 
   def loss(state, x):
     y, _ = nnx.merge(graph, state)(x)
-    return jnp.sum(y * y)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
 
   x = checks.put(np.ones((8 * 32, 128), np.float32), mesh, P("ep"))
   return jax.grad(loss), state, x
@@ -148,6 +150,21 @@ def test_no_tokens_by_experts_by_hidden_tensor_in_the_jaxpr(mesh):
     assert biggest[experts] <= 2 * tokens * top_k * hidden, (experts, biggest)
     assert biggest[experts] < tokens * experts * hidden / 4
   assert biggest[64] == biggest[128]
+
+
+def test_fp8_layer_intermediates_are_the_padded_contiguous_layout(mesh):
+  """FP8 grouped GEMMs: the largest per-device intermediate is DeepGEMM's contiguous layout,
+  ``padded_rows(M, G)`` rows (each local expert's rows start at a multiple of 128), so it grows
+  by 128 rows x hidden per local expert, never with tokens x experts x hidden."""
+  from jaxinfra import gemm  # pylint: disable=g-import-not-at-top
+  rows, hidden = math.ceil(1.25 * 32 * checks.K), 128  # expert rows per rank (capacity 1.25)
+  for experts in (64, 128):
+    grad, state, x = _layer_loss(experts, mesh, fp8=True, dtype=jnp.bfloat16)
+    params = {tuple(l.shape) for l in jax.tree_util.tree_leaves(state)}
+    params |= {(s[0] // 8, *s[1:]) for s in params if s and s[0] % 8 == 0}  # local shards
+    shapes = [s for s in _local_avals(jax.make_jaxpr(grad)(state, x).jaxpr) if s not in params]
+    biggest = max(int(np.prod(s)) for s in shapes)
+    assert biggest == gemm.padded_rows(rows, experts // 8) * hidden, (experts, biggest)
 
 
 @pytest.mark.slow

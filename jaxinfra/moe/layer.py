@@ -66,8 +66,13 @@ counted in ``MoEStats.num_dropped``. Memory then grows with
 ``tokens * top_k * hidden``, never with the number of experts.
 
 FP8: ``fp8=True`` dispatches in FP8 (e4m3 + 1x128 scales; the backward is the
-bf16 combine). Until ``jaxinfra.gemm`` lands, the grouped GEMMs run in the
-compute dtype through ``jax.lax.ragged_dot``.
+bf16 combine) and runs the routed experts' GEMMs in FP8 with DeepSeek-V3's
+recipe through ``jaxinfra.gemm``: normal mode :func:`grouped_linear` ->
+``fp8_grouped_linear`` (grouped contiguous FP8 GEMM forward and dgrad,
+k-grouped FP8 GEMM wgrad; 1x128 activation and 128x128 weight scales),
+low-latency mode :func:`masked_grouped_linear` -> ``grouped_fp8_gemm_masked``
+fed directly with the dispatched e4m3 rows and scales. The router and the
+shared experts stay in the compute dtype.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxinfra import gemm
 from jaxinfra import quant
 from jaxinfra.eplb import ExpertPlacement
 from jaxinfra.moe import _validate
@@ -117,26 +123,34 @@ class MoEStats(NamedTuple):
 
 
 def grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
-                   fp8: bool = False) -> jax.Array:
+                   fp8: bool = False, impl: str = "auto") -> jax.Array:
   """The routed experts' grouped GEMM: ``out[rows of g] = x[rows of g] @ w[g].T``.
 
-  The one place the MoE layer multiplies by expert weights (normal mode);
-  ``jaxinfra.gemm.fp8_grouped_linear`` has this signature and replaces the
-  body when it lands (``fp8`` is ignored until then). Today: on CPU the
-  scan-based :func:`jaxinfra.moe.grouped.gmm` (XLA:CPU's ``ragged_dot``
-  builds ``[experts, rows, k]`` intermediates), elsewhere
-  ``jax.lax.ragged_dot``.
+  The one place the MoE layer multiplies by expert weights (normal mode).
+
+  * ``fp8=True``: :func:`jaxinfra.gemm.fp8_grouped_linear`, DeepSeek-V3's
+    recipe: ``x`` quantized per token (1 x 128), ``w`` per 128 x 128 block,
+    the grouped contiguous FP8 GEMM forward and for dgrad, the k-grouped FP8
+    GEMM for wgrad (``custom_vjp``); ``w``'s gradient in ``w``'s dtype (the
+    master weights). Rows move to the 128-aligned contiguous layout, so the
+    GEMM sees ``padded_rows(M, G)`` rows (at most ``M + 128 G``).
+  * otherwise, in ``x``'s dtype: on CPU the scan-based
+    :func:`jaxinfra.moe.grouped.gmm` (XLA:CPU's ``ragged_dot`` builds
+    ``[experts, rows, k]`` intermediates), elsewhere ``jax.lax.ragged_dot``.
 
   Args:
-    x: ``[M, k]`` rows grouped contiguously by expert.
+    x: ``[M, k]`` rows grouped contiguously by expert (float32, bfloat16 or
+      float16 with ``fp8``).
     w: ``[G, n, k]`` expert weights.
     group_sizes: ``[G]`` int32 rows per expert; rows after their sum give 0.
-    fp8: use the FP8 grouped GEMM (not yet available: runs in ``x``'s dtype).
+    fp8: use the FP8 grouped GEMMs.
+    impl: ``"auto"``, ``"ffi"`` or ``"xla"`` for the FP8 quantization and GEMMs.
 
   Returns:
     ``[M, n]`` in ``x``'s dtype (float32 accumulation, float64 for float64).
   """
-  del fp8
+  if fp8:
+    return gemm.fp8_grouped_linear(x, w, group_sizes, impl=impl)
   w_kn = jnp.swapaxes(w, 1, 2).astype(x.dtype)
 
   def ragged(x, w_kn, group_sizes):
@@ -151,18 +165,48 @@ def grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
 
 
 def masked_grouped_linear(x: jax.Array, w: jax.Array, counts: jax.Array, *,
-                          fp8: bool = False) -> jax.Array:
-  """The low-latency experts' GEMM on the masked layout.
+                          fp8: bool = False, x_scales: jax.Array | None = None,
+                          out_dtype=None, impl: str = "auto") -> jax.Array:
+  """The low-latency experts' GEMM on the masked layout (forward only).
 
   ``x [G, M, k]``, ``w [G, n, k]``, ``counts [G]`` (rows of each expert that
-  hold tokens) -> ``[G, M, n]``, rows at or past ``counts[g]`` zero. The
-  switch point for ``grouped_fp8_gemm_masked``; ``fp8`` is ignored until then.
+  hold tokens) -> ``[G, M, n]``, rows at or past ``counts[g]`` zero.
+
+  With ``fp8`` (or ``x_scales``): :func:`jaxinfra.gemm.grouped_fp8_gemm_masked`
+  with ``w`` quantized per 128 x 128 block and ``x`` per token (1 x 128); an
+  ``x`` that is already e4m3 with ``x_scales [G, M, ceil(k/128)]`` (the FP8
+  low-latency dispatch's ``recv_x``/``recv_scales``) goes in as it is.
+  Otherwise an einsum in ``x``'s dtype.
+
+  Args:
+    x: ``[G, M, k]`` float, or float8_e4m3fn with ``x_scales``.
+    w: ``[G, n, k]`` expert weights.
+    counts: ``[G]`` int32 valid rows per expert (on device).
+    fp8: quantize ``x`` and ``w`` and run the FP8 masked GEMM.
+    x_scales: per-token scales of an e4m3 ``x`` (implies ``fp8``).
+    out_dtype: result dtype (default ``x``'s; required for an e4m3 ``x``).
+    impl: ``"auto"``, ``"ffi"`` or ``"xla"`` for the FP8 quantization and GEMM.
+
+  Returns:
+    ``[G, M, n]`` in ``out_dtype``.
   """
-  del fp8
+  out_dtype = np.dtype(out_dtype or x.dtype)
+  if x_scales is None and x.dtype == jnp.float8_e4m3fn:
+    raise ValueError(f"masked_grouped_linear: an e4m3 x (shape {x.shape}) needs x_scales")
+  if fp8 or x_scales is not None:
+    if out_dtype == jnp.float8_e4m3fn:
+      raise ValueError("masked_grouped_linear: give out_dtype for an e4m3 x")
+    if x_scales is None:
+      x, x_scales = quant.quantize_per_token(x, impl=impl)
+    wq, ws = quant.quantize_per_block(w, impl=impl)
+    gemm_dtype = jnp.bfloat16 if out_dtype == jnp.bfloat16 else jnp.float32
+    out = gemm.grouped_fp8_gemm_masked(x, x_scales, wq, ws, counts, out_dtype=gemm_dtype,
+                                       impl=impl)
+    return out.astype(out_dtype)
   out = jnp.einsum("gmk,gnk->gmn", x, w.astype(x.dtype),
                    preferred_element_type=_validate.accum_dtype(x.dtype))
   live = jnp.arange(x.shape[1])[None, :, None] < counts[:, None, None]
-  return jnp.where(live, out, 0).astype(x.dtype)
+  return jnp.where(live, out, 0).astype(out_dtype)
 
 
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -272,11 +316,12 @@ class MoE(nnx.Module):
       without ``mesh``: the layer is called inside an enclosing ``shard_map``
       that is manual over ``ep_axis`` (see the module docstring).
     mode: ``"normal"`` or ``"low_latency"`` (needs a single EP axis).
-    fp8: FP8 dispatch (and FP8 grouped GEMMs once ``jaxinfra.gemm`` lands).
+    fp8: FP8 dispatch and FP8 routed-expert GEMMs (``jaxinfra.gemm``; the
+      compute dtype must then be float32, bfloat16 or float16).
     capacity_factor: None (dropless) or the buffers' factor over a balanced load.
     max_tokens_per_rank: low-latency ``T`` (default: the tokens per rank).
     dtype: compute dtype of the experts; param_dtype: parameters' dtype.
-    backend, impl: passed to dispatch/permute.
+    backend, impl: passed to dispatch/permute (``impl`` also to the FP8 GEMMs).
     rngs: ``nnx.Rngs`` for the initial parameters.
   """
 
@@ -358,15 +403,18 @@ class MoE(nnx.Module):
 
   def _experts(self, rows, group_sizes, experts):
     w_gate, w_up, w_down = experts
-    gate = grouped_linear(rows, w_gate, group_sizes, fp8=self.fp8)
-    up = grouped_linear(rows, w_up, group_sizes, fp8=self.fp8)
-    return grouped_linear(_swiglu(gate, up), w_down, group_sizes, fp8=self.fp8)
+    linear = functools.partial(grouped_linear, group_sizes=group_sizes, fp8=self.fp8,
+                               impl=self.impl)
+    return linear(_swiglu(linear(rows, w_gate), linear(rows, w_up)), w_down)
 
-  def _masked_experts(self, rows, counts, experts):
+  def _masked_experts(self, rows, scales, counts, experts):
+    """``rows`` e4m3 with ``scales`` (FP8 dispatch), or in the compute dtype."""
     w_gate, w_up, w_down = experts
-    gate = masked_grouped_linear(rows, w_gate, counts, fp8=self.fp8)
-    up = masked_grouped_linear(rows, w_up, counts, fp8=self.fp8)
-    return masked_grouped_linear(_swiglu(gate, up), w_down, counts, fp8=self.fp8)
+    linear = functools.partial(masked_grouped_linear, counts=counts, fp8=self.fp8,
+                               out_dtype=self.dtype, impl=self.impl)
+    gate = linear(rows, w_gate, x_scales=scales)
+    up = linear(rows, w_up, x_scales=scales)
+    return linear(_swiglu(gate, up), w_down)
 
   def _expert_rows(self, copies: int, tokens: int) -> int:
     """Rows of the local grouped GEMM: ``copies`` possible token copies, ``tokens`` per rank."""
@@ -406,10 +454,8 @@ class MoE(nnx.Module):
                                                   num_experts=self.num_slots,
                                                   max_tokens_per_rank=tokens, fp8=self.fp8,
                                                   impl=self.impl)
-      rows = sent.recv_x
-      if self.fp8:
-        rows = quant.dequantize_per_token(rows, sent.recv_scales, out_dtype=self.dtype)
-      out = self._masked_experts(rows, sent.recv_count, experts)
+      # FP8: the dispatched e4m3 rows and their 1x128 scales feed the masked FP8 GEMM.
+      out = self._masked_experts(sent.recv_x, sent.recv_scales, sent.recv_count, experts)
       y = low_latency_lib.low_latency_combine(out, slots, weights, sent.handle)
       dropped = jnp.zeros((), jnp.int32)
     else:
