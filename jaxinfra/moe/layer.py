@@ -486,10 +486,11 @@ class MoE(nnx.Module):
     ``w_down [P, H, I]`` and, with shared experts, ``shared_gate``/
     ``shared_up [H, S]``, ``shared_down [S, H]``.
     """
-    names = ("router", "gate_bias", "w_gate", "w_up", "w_down")
-    if self.num_shared:
-      names += ("shared_gate", "shared_up", "shared_down")
-    return {name: getattr(self, name)[...] for name in names}
+    return {name: getattr(self, name)[...] for name in self._param_names()}
+
+  def _param_names(self) -> tuple[str, ...]:
+    names = ("router", "gate_bias", *_EXPERT_WEIGHTS)
+    return names + (("shared_gate", "shared_up", "shared_down") if self.num_shared else ())
 
   def param_specs(self) -> dict[str, P]:
     """``PartitionSpec`` of each :meth:`params` array over the EP axes.
@@ -502,7 +503,7 @@ class MoE(nnx.Module):
     if self.ep_axis is None:
       raise ValueError("MoE.param_specs: the layer has no ep_axis")
     split = P(_mesh_axes(self.ep_axis))
-    return {name: split if name in _EXPERT_WEIGHTS else P() for name in self.params()}
+    return {name: split if name in _EXPERT_WEIGHTS else P() for name in self._param_names()}
 
   def __call__(self, x: jax.Array, *,
                expert_map: Callable[[jax.Array], jax.Array] | None = None,
@@ -547,7 +548,7 @@ class MoE(nnx.Module):
     """
     if x.ndim != 2 or x.shape[1] != self.hidden:
       raise ValueError(f"MoE: x must have shape [N, {self.hidden}], got {x.shape}")
-    missing = sorted(set(self.params()) - set(params))
+    missing = sorted(set(self._param_names()) - set(params))
     if missing:
       raise ValueError(f"MoE.apply: params is missing {missing}")
     router, bias = params["router"], params["gate_bias"]
