@@ -566,3 +566,43 @@ def build(config: Config | str, *, seed: int = 0, **kwargs) -> DeepSeekV3:
 __all__ = ["Block", "DeepSeekV3", "Fp8WeightLinear", "LossAux", "MLP", "MTP", "ModelOutput",
            "build", "cross_entropy", "default_positions", "heads_loss", "linear_factory",
            "load_probe", "loss", "moe_in_shard_map", "scan_blocks", "stacked_blocks"]
+
+
+class ParamCount(NamedTuple):
+  """Parameter counts of a config (``nnx.Param`` leaves; the routing biases excluded).
+
+  Attributes:
+    main: the main model (embedding, layers, final norm, output head).
+    mtp: the MTP module's own parameters (it shares embedding and head).
+    mtp_checkpoint: the MTP module as DeepSeek's checkpoint stores it, with
+      its copies of the embedding and the output head (layer ``n_layers``).
+    activated: main-model parameters one token uses (all but the routed
+      experts it is not sent to).
+  """
+  main: int
+  mtp: int
+  mtp_checkpoint: int
+  activated: int
+
+  @property
+  def total_checkpoint(self) -> int:
+    """``main + mtp_checkpoint``: the size of the Hugging Face checkpoint."""
+    return self.main + self.mtp_checkpoint
+
+
+def abstract_model(config: Config) -> DeepSeekV3:
+  """The model with ``jax.ShapeDtypeStruct`` leaves (``nnx.eval_shape``): no memory."""
+  return nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0)))
+
+
+def param_count(config: Config) -> ParamCount:
+  """Counts the parameters of ``config`` from the abstract model (:func:`abstract_model`)."""
+  model = abstract_model(config)
+  size = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+  params = lambda module: nnx.state(module, nnx.Param) if module is not None else {}
+  mtp = size(params(model.mtp))
+  main = size(params(model)) - mtp
+  shared = size(params(model.embed)) + size(params(model.head))
+  per_expert = 3 * config.dim * config.moe_inter_dim
+  idle = config.n_moe_layers * (config.n_routed_experts - config.n_activated_experts) * per_expert
+  return ParamCount(main, mtp, mtp + shared, main - idle)
