@@ -322,6 +322,8 @@ def load_config(directory: str | os.PathLike, **run_settings) -> Config:
   """``Config.from_hf`` of the checkpoint's ``config.json`` (``run_settings``:
   dtype, param_dtype, linear, ...)."""
   path = os.path.join(os.fspath(directory), "config.json")
+  if not os.path.isdir(os.fspath(directory)):
+    raise ValueError(f"checkpoint directory {os.fspath(directory)!r} does not exist")
   if not os.path.exists(path):
     raise ValueError(f"checkpoint directory {os.fspath(directory)!r} has no config.json")
   with open(path) as f:
