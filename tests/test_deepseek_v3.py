@@ -183,6 +183,25 @@ def test_prefill_and_decode_match_the_forward(tiny):
   assert not bool(ok[0]) and bool(jnp.all(jnp.isnan(logits)))
 
 
+@pytest.mark.slow
+def test_low_latency_expert_parallel_decode_matches_local(tiny):
+  """Decode with DeepEP-style low-latency dispatch over 2 EP ranks equals local experts."""
+  mesh = jax.make_mesh((2,), ("expert",), axis_types=(jax.sharding.AxisType.Explicit,))
+  ep = model_lib.build(TINY, seed=5, mesh=mesh, ep_axis="expert", moe_mode="low_latency")
+  nnx.update(ep, nnx.state(tiny))
+  tokens = _tokens(6, (4, 7))
+  seq_ids = jnp.arange(4, dtype=jnp.int32)
+  cache = decode_lib.init_cache(TINY, num_pages=8, max_seqs=4, max_blocks=1, dtype=jnp.float32)
+  _, cache, _ = nnx.jit(decode_lib.prefill)(tiny, tokens[:, :5], cache, seq_ids)
+  local, ll = cache, cache
+  step = nnx.jit(decode_lib.decode_step)
+  for i in range(5, 7):
+    want, local, _ = step(tiny, tokens[:, i:i + 1], local, seq_ids)
+    got, ll, ok = step(ep, tokens[:, i:i + 1], ll, seq_ids)
+    assert bool(jnp.all(ok))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
 # --- parameter count ------------------------------------------------------------------------------
 
 
