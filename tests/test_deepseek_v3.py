@@ -35,7 +35,7 @@ def _functional_loss(model):
   def fn(pure, tokens, targets):
     return model_lib.loss(nnx.merge(graphdef, pure), tokens, targets)
 
-  return fn, state.to_pure_dict()
+  return fn, nnx.to_pure_dict(state)
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_pipeline_parts_layout(tiny):
   assert specs["ffn"]["w_down"] == jax.sharding.PartitionSpec(None, "expert")
   assert specs["ffn"]["router"] == jax.sharding.PartitionSpec()
   back = parts.to_pure(parts.params)
-  want = nnx.state(tiny).to_pure_dict()
+  want = nnx.to_pure_dict(nnx.state(tiny))
   for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

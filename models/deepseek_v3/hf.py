@@ -362,7 +362,7 @@ def _set(tree: dict, path: Iterable, value) -> None:
 
 def load_state(directory: str | os.PathLike, config: Config,
                reader: CheckpointReader | None = None) -> dict:
-  """The model's pure state dict (``nnx.State.to_pure_dict`` layout) from a checkpoint.
+  """The model's pure state dict (``nnx.to_pure_dict`` layout) from a checkpoint.
 
   Validates first (:func:`validate`); floats in ``config.param_dtype``
   (``Fp8WeightLinear`` leaves stay e4m3 + float32 scales).
@@ -437,7 +437,7 @@ def load(directory: str | os.PathLike, config: Config | None = None,
   reader = CheckpointReader(directory)
   validate(reader, config)
   graphdef, abstract = nnx.split(model_lib.abstract_model(config))
-  want = abstract.to_pure_dict()
+  want = nnx.to_pure_dict(abstract)
   pure = load_state(directory, config, reader)
   flat_want = dict(traverse_util.flatten_dict(want))
   flat_got = dict(traverse_util.flatten_dict(pure))

@@ -15,7 +15,7 @@ the executor's pieces::
     params = parts.update_bias(optax.apply_updates(params, updates), grads)
 
 Every piece is a pure function of pytrees of arrays (pure dicts of the
-model's ``nnx.State``, see ``nnx.State.to_pure_dict``):
+model's ``nnx.State``, see ``nnx.to_pure_dict``):
 
 * ``params.embed`` = ``{"embed": token embedding, "dense_layers": the
   first n_dense_layers blocks}``; ``embed_fn(embed, tokens [mb, S]) -> x
@@ -207,7 +207,7 @@ class PipelineFunctions:
   # -- back to the model ------------------------------------------------------------------------
 
   def to_pure(self, params: PipelineParams) -> dict:
-    """The model's pure state dict (``nnx.State.to_pure_dict`` layout) from ``params``."""
+    """The model's pure state dict (``nnx.to_pure_dict`` layout) from ``params``."""
     n_moe = self.num_stages * self.layers_per_stage
     pure = {"embed": params.embed["embed"], "dense_layers": params.embed["dense_layers"],
             "moe_layers": jax.tree_util.tree_map(
@@ -284,7 +284,7 @@ def pipeline_parts(model: model_lib.DeepSeekV3, num_stages: int, *,
     raise ValueError(f"pipeline_parts: ep_axis must be one mesh axis name, got {ep_axis!r}")
   lps = n_moe // num_stages
   graphdef, state = nnx.split(model)
-  pure = state.to_pure_dict()
+  pure = nnx.to_pure_dict(state)
   graphdefs = {"model": graphdef}
   for name in ("embed", "dense_layers", "moe_layers", "norm", "head", "mtp"):
     sub = getattr(model, name)
