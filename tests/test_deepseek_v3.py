@@ -152,6 +152,14 @@ def test_pipeline_parts_layout(tiny):
   specs = parts.stage_specs
   assert specs["ffn"]["w_down"] == jax.sharding.PartitionSpec(None, "expert")
   assert specs["ffn"]["router"] == jax.sharding.PartitionSpec()
+  # Optimizer helpers: the biases are not trained; the tied table counts once in the norm.
+  mask = parts.trainable_mask(parts.params)
+  assert not mask.stages["ffn"]["gate_bias"] and mask.stages["ffn"]["router"]
+  assert not mask.head["mtp"]["block"]["ffn"]["gate_bias"]
+  ones = jax.tree_util.tree_map(jnp.ones_like, parts.params)
+  count = model_lib.param_count(TINY)
+  np.testing.assert_allclose(float(parts.global_norm(ones)) ** 2, count.main + count.mtp,
+                             rtol=1e-6)
   back = parts.to_pure(parts.params)
   want = nnx.to_pure_dict(nnx.state(tiny))
   for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(want)):
