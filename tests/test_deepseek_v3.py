@@ -73,6 +73,29 @@ def test_forward_shapes_loss_and_load_probe(tiny):
     assert np.all(np.isfinite(np.asarray(g))), jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
+def test_fp8_linear_layers_track_the_dense_model(tiny):
+  """linear="fp8" (jaxinfra.gemm.Fp8Dense) with the dense model's weights: the
+  loss within 2% and finite gradients."""
+  fp8 = model_lib.build(TINY.replace(linear="fp8"), seed=0)
+  assert type(fp8.moe_layers.attn.wq_a).__name__ == "Fp8Dense"
+  projections = {"wq_a", "wq_b", "wq", "wkv_a", "wo", "gate_proj", "up_proj", "down_proj",
+                 "eh_proj"}
+  def convert(path, leaf):  # nnx.Linear kernels [..., in, out] -> Fp8Dense [..., out, in]
+    names = [str(getattr(k, "key", k)) for k in path]
+    return jnp.swapaxes(leaf, -1, -2) if names[-2] in projections else leaf
+  pure = jax.tree_util.tree_map_with_path(convert, nnx.to_pure_dict(nnx.state(tiny)))
+  nnx.update(fp8, pure)
+  tokens = _tokens(7, (2, 17))
+  fn, _ = _functional_loss(tiny)
+  want = jax.jit(fn)(nnx.to_pure_dict(nnx.state(tiny)), tokens[:, :-1], tokens[:, 1:])[0]
+  fn8, pure8 = _functional_loss(fp8)
+  (got, _), grads = jax.jit(jax.value_and_grad(fn8, has_aux=True))(pure8, tokens[:, :-1],
+                                                                    tokens[:, 1:])
+  np.testing.assert_allclose(float(got), float(want), rtol=0.02)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
 def test_update_bias_moves_against_the_load():
   model = model_lib.build(TINY, seed=1)
   loads = np.zeros((TINY.n_moe_layers, TINY.n_routed_experts), np.int32)
