@@ -14,7 +14,6 @@ against the pure-JAX ``xla`` path; then the requests' pages are freed.
 
 import argparse
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -164,11 +164,17 @@ def test_other_config_checkpoint_is_rejected_before_compiling(tiny_checkpoint, t
     serve.check_checkpoint(cfg_lib.get_config("tiny"), _save_other(other, tmp_path), "tiny")
   with pytest.raises(serve.UsageError, match="holds a model of config 'tiny'"):
     serve.check_checkpoint(cfg_lib.get_config("small"), path, "small")
-  before = jax.config.jax_log_compiles
-  rc = serve.main(["--checkpoint", _save_other(other, tmp_path / "b"), "--prompt", "x",
-                   "--cpu-devices", "0"])
+  bad = _save_other(other, tmp_path / "b")
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event) if event.endswith(
+      "backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    rc = serve.main(["--checkpoint", bad, "--prompt", "x", "--cpu-devices", "0"])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
   assert rc == 2 and "does not match --config tiny" in capsys.readouterr().err
-  assert jax.config.jax_log_compiles == before
+  assert not compiles, compiles   # refused before compiling anything
   assert serve.main(["--checkpoint", str(tmp_path / "none"), "--prompt", "x",
                      "--cpu-devices", "0"]) == 2
   del model_lib
