@@ -15,7 +15,7 @@ the executor's pieces::
     params = parts.update_bias(optax.apply_updates(params, updates), grads)
 
 Every piece is a pure function of pytrees of arrays (pure dicts of the
-model's ``nnx.State``, see ``nnx.State.to_pure_dict``):
+model's ``nnx.State``, see ``nnx.to_pure_dict``):
 
 * ``params.embed`` = ``{"embed": token embedding, "dense_layers": the
   first n_dense_layers blocks}``; ``embed_fn(embed, tokens [mb, S]) -> x
@@ -39,7 +39,7 @@ model's ``nnx.State``, see ``nnx.State.to_pure_dict``):
 
 Expert parallelism: with ``ep_axis`` the MoE layers in ``stage_fn`` run the
 DeepEP-style dispatch/combine over that axis inside the executor's
-``shard_map`` (:func:`models.deepseek_v3.model.moe_in_shard_map`); the batch
+``shard_map`` (``jaxinfra.moe.MoE`` built with ``ep_axis`` and no mesh); the batch
 must be split over ``ep_axis`` (pass it in ``batch_axes``), so each EP rank
 routes its own tokens. Build the model without a mesh.
 
@@ -131,7 +131,7 @@ class PipelineFunctions:
     blocks = nnx.merge(self._graphdefs["moe_layers"], stage)
 
     def layer(block, x, _):
-      y, _ = block(x, positions, ep_axis=self.ep_axis)
+      y, _ = block(x, positions)
       return y, None
 
     return model_lib.scan_blocks(blocks, x, layer, remat=self._config.remat)[0]
@@ -171,7 +171,7 @@ class PipelineFunctions:
   def loads(self, grads: PipelineParams) -> tuple[jax.Array, jax.Array | None]:
     """``(tokens per expert [n_moe_layers, E], MTP's [1, E] or None)``, float32, of the step."""
     moe = grads.stages["ffn"]["gate_bias"]
-    moe = moe.reshape(-1, moe.shape[-1])
+    moe = jnp.round(moe.reshape(-1, moe.shape[-1]))
     mtp = grads.head["mtp"]["block"]["ffn"]["gate_bias"][None] if "mtp" in grads.head else None
     return moe, mtp
 
@@ -207,7 +207,7 @@ class PipelineFunctions:
   # -- back to the model ------------------------------------------------------------------------
 
   def to_pure(self, params: PipelineParams) -> dict:
-    """The model's pure state dict (``nnx.State.to_pure_dict`` layout) from ``params``."""
+    """The model's pure state dict (``nnx.to_pure_dict`` layout) from ``params``."""
     n_moe = self.num_stages * self.layers_per_stage
     pure = {"embed": params.embed["embed"], "dense_layers": params.embed["dense_layers"],
             "moe_layers": jax.tree_util.tree_map(
@@ -276,19 +276,23 @@ def pipeline_parts(model: model_lib.DeepSeekV3, num_stages: int, *,
     raise ValueError(f"pipeline_parts: the {n_moe} MoE layers (n_layers={config.n_layers} - "
                      f"n_dense_layers={config.n_dense_layers}) do not split into num_stages="
                      f"{num_stages} equal stages")
-  if model.moe_layers.ffn.mesh is not None:
-    raise ValueError("pipeline_parts: build the model without a mesh; the executor's shard_map "
-                     "runs expert parallelism over ep_axis")
+  ffn = model.moe_layers.ffn
+  if ffn.mesh is not None or ffn.ep_axis is not None:
+    raise ValueError("pipeline_parts: build the model without mesh and ep_axis (local experts); "
+                     "the stages run expert parallelism over pipeline_parts' ep_axis")
   if ep_axis is not None and not isinstance(ep_axis, str):
     raise ValueError(f"pipeline_parts: ep_axis must be one mesh axis name, got {ep_axis!r}")
   lps = n_moe // num_stages
   graphdef, state = nnx.split(model)
-  pure = state.to_pure_dict()
+  pure = nnx.to_pure_dict(state)
   graphdefs = {"model": graphdef}
   for name in ("embed", "dense_layers", "moe_layers", "norm", "head", "mtp"):
     sub = getattr(model, name)
     if sub is not None:
       graphdefs[name] = nnx.graphdef(sub)
+  if ep_axis is not None:  # the stages' MoE runs inside the executor's shard_map over ep_axis
+    graphdefs["moe_layers"] = nnx.graphdef(nnx.eval_shape(
+        lambda: model_lib.stacked_blocks(config, lps, nnx.Rngs(0), ep_axis=ep_axis)))
   stages = jax.tree_util.tree_map(lambda a: a.reshape((num_stages, lps) + a.shape[1:]),
                                   pure["moe_layers"])
   embed = {"embed": pure["embed"], "dense_layers": pure["dense_layers"]}
