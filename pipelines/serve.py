@@ -354,6 +354,25 @@ def _checkpoint_paths(model_path: str, layout: str) -> list[str]:
   return ["params/head/" + model_path]
 
 
+def train_run(path: str) -> dict[str, Any]:
+  """``pipelines.train``'s run identity next to checkpoint ``path`` (``{}`` if none)."""
+  run_file = os.path.join(os.path.dirname(path), TRAIN_RUN_FILE)
+  if not os.path.isfile(run_file):
+    return {}
+  with open(run_file) as f:
+    return json.load(f)
+
+
+def run_config_changes(run: dict[str, Any]) -> dict[str, Any]:
+  """The config changes a training run made (``--fp8``, ``--dtype``), as ``pipelines.train``."""
+  changes: dict[str, Any] = {}
+  if run.get("fp8"):
+    changes["linear"] = "fp8"
+  if run.get("dtype"):
+    changes["dtype"] = run["dtype"]
+  return changes
+
+
 def check_checkpoint(config, path: str, config_name: str) -> tuple[str, int | None]:
   """Checks a checkpoint against ``config`` without reading its arrays.
 
@@ -364,10 +383,8 @@ def check_checkpoint(config, path: str, config_name: str) -> tuple[str, int | No
     UsageError: another config's checkpoint (its name, or any parameter's shape
       or dtype), or not a model checkpoint.
   """
-  run_file = os.path.join(os.path.dirname(path), TRAIN_RUN_FILE)
-  if os.path.isfile(run_file):
-    with open(run_file) as f:
-      run = json.load(f)
+  run = train_run(path)
+  if run:
     if run.get("config") != config_name:
       raise UsageError(f"--checkpoint {path} was trained with --config {run.get('config')}, "
                        f"not --config {config_name}")
@@ -672,6 +689,9 @@ def serve(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[
   if args.slots < 1 or args.max_tokens < 1:
     raise UsageError("--slots and --max-tokens must be >= 1")
   path = find_checkpoint(args.checkpoint)
+  changes = run_config_changes(train_run(path))
+  if changes:
+    config = config.replace(**changes)
   check_checkpoint(config, path, args.config)         # before any compilation
   requests = make_requests(args.prompt, max_tokens=args.max_tokens,
                            temperature=args.temperature, seed=args.seed, stop=args.stop)

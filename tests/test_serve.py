@@ -253,3 +253,10 @@ def test_batched_equals_alone_tiny_model_expert_parallel(tiny_checkpoint):
   for r in again:
     serve.Scheduler(engine).run([r])
   assert [r.output for r in hot] == [r.output for r in again]
+
+
+def test_train_run_settings_become_config_changes(tmp_path):
+  (tmp_path / "run.json").write_text('{"config": "tiny", "fp8": true, "dtype": "bfloat16"}')
+  run = serve.train_run(str(tmp_path / "step_00000004"))
+  assert serve.run_config_changes(run) == {"linear": "fp8", "dtype": "bfloat16"}
+  assert serve.train_run(str(tmp_path / "x" / "step_1")) == {}
