@@ -19,4 +19,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_k_grouped_fp8_gemm_cpu);
 #ifdef JAXINFRA_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_token_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_quantize_per_block_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_fp8_gemm_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_contiguous_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_masked_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_mla_decode_cuda);
 #endif
