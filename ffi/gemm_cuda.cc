@@ -22,12 +22,6 @@ namespace {
 using gemm::sm90::Fp8GemmArgs;
 using gemm::sm90::RowLayout;
 
-const uint8_t* u8(const ffi::AnyBuffer& x) { return static_cast<const uint8_t*>(x.untyped_data()); }
-const float* f32(const ffi::AnyBuffer& x) { return static_cast<const float*>(x.untyped_data()); }
-const int32_t* s32(const ffi::AnyBuffer& x) {
-  return static_cast<const int32_t*>(x.untyped_data());
-}
-
 // The current device's SM count (a host query; cached per device).
 ffi::Error sm_count(int* count) {
   static int cached[64] = {};
