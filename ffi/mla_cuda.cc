@@ -7,7 +7,7 @@
 // (that would need a device-to-host copy): the kernel clamps every index it
 // reads from it. Written without a GPU: compiled, never run; mla_decode lists
 // "cuda" as unverified, so impl="auto" never selects it (impl="ffi" does).
-// bf16 cache only: the FP8 656-byte cache returns an error.
+// bf16 q; bf16 cache (page 64, TMA) or the FP8 656-byte cache (any page size).
 #include <cuda_runtime_api.h>
 
 #include <string>

@@ -164,3 +164,21 @@ def test_mla_decode_matches_reference_and_xla(case):
   ref.check_decode(out, lse, want_out, want_lse)
   xla_out, xla_lse = run("xla")
   ref.check_decode(out, lse, np.asarray(xla_out, np.float64), np.asarray(xla_lse, np.float64))
+
+
+@pytest.mark.parametrize("page", [64, 61])
+@pytest.mark.parametrize("h_q, s_q", [(128, 1), (16, 2)])
+def test_mla_decode_fp8_cache(page, h_q, s_q):
+  _require_cuda_handler(mla.MLA_DECODE)
+  rng = np.random.default_rng(page + h_q)
+  seqlens = np.array([1000, 7, 0, 4100], np.int32)
+  dense, table = ref.paged_cache(rng, seqlens, h_kv=1, page=page, dtype=np.float32)
+  records = np.array(jax.jit(mla.quantize_kv_fp8)(np.nan_to_num(dense)))
+  records[np.isnan(dense[..., 0])] = 0xFF  # poison unused rows: NaN values and NaN scales
+  q = ref.queries(rng, len(seqlens), s_q, h_q)
+  want_out, want_lse = ref.decode(q, records, table, seqlens, SCALE, True,
+                                  tokens_of=ref.dequantize_fp8)
+  fn = functools.partial(mla.mla_decode, softmax_scale=SCALE, causal=True, kv_format="fp8",
+                         impl="ffi")
+  out, lse = jax.jit(fn)(q, records, table, seqlens)
+  ref.check_decode(out, lse, want_out, want_lse)

@@ -1,9 +1,11 @@
-// Hopper MLA decode (FlashMLA-style) over the bf16 paged latent cache.
+// Hopper MLA decode (FlashMLA-style) over the paged latent cache: bf16 pages
+// of 64 tokens (TMA), or DeepSeek-V3.2's FP8 656-byte records (any page size,
+// dequantized to bf16 in shared memory by all threads; load_tile_fp8).
 //
 // Grid: (num_sm_parts, ceil(rows / 64), h_kv); a CTA of two warpgroups owns
 // 64 query rows (FlashMLA's q_seq_per_hk order, mla.h) of one KV head and walks
 // the requests and 64-key tiles its schedule row (tile_metadata) assigns it.
-// Per tile ("KV block" = one page of 64 keys x 576 channels, 72 KiB):
+// Per tile (64 keys x 576 channels, 72 KiB; for the bf16 cache one page):
 //   * one thread of warpgroup 1 issues 9 TMA loads (one per 64-channel,
 //     128-byte-swizzled chunk) of the *next* tile into the other of two
 //     buffers, completing on that buffer's mbarrier (double buffering);
@@ -20,6 +22,7 @@
 //
 // Written without a GPU: compiled for sm_90a, never run.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <cmath>
 #include <string>
@@ -54,6 +57,8 @@ using ValueWgmma = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<Major::K, Majo
 
 struct Params {
   int batch, s_q, h_q, h_kv, heads_per_kv, rows, max_blocks, num_blocks, parts;
+  int page_size;     // 64 for the bf16 cache; any for the FP8 cache
+  const uint8_t* kv;  // the FP8 cache's 656-byte records (the bf16 cache goes through TMA)
   float scale_log2;  // softmax_scale * log2(e)
   bool causal;
   const __nv_bfloat16* q;
@@ -245,6 +250,45 @@ __device__ __forceinline__ void zero_tail(const Smem& smem, int buffer, int vali
   ptx::fence_proxy_async_shared();
 }
 
+// FP8 cache (DeepSeek-V3.2 records: 512 e4m3 | 4 float32 power-of-two scales,
+// one per 128 channels | 64 bf16 RoPE): the tile's 64 tokens, dequantized to
+// bf16 (exact: e4m3 times a power of two fits bf16) into the swizzled K tile
+// layout by all threads. Tokens past seqlen are zero. Synchronous (no TMA):
+// a record is 656 bytes and pages may have any size.
+__device__ void load_tile_fp8(const Params& p, const Smem& smem, int req, int tile, int seqlen) {
+  constexpr int kUnitsPerRow = kQkDim / 8;  // 64 e4m3 units + 8 RoPE units of 8 channels
+  for (int i = threadIdx.x; i < kKeys * kUnitsPerRow; i += kThreads) {
+    const int r = i / kUnitsPerRow, unit = i % kUnitsPerRow;
+    const int t = tile * kKeys + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (t < seqlen) {
+      const int page = min(max(__ldg(p.block_table + static_cast<int64_t>(req) * p.max_blocks +
+                                     t / p.page_size), 0), p.num_blocks - 1);
+      const uint8_t* record =
+          p.kv + (static_cast<int64_t>(page) * p.page_size + t % p.page_size) * kFp8RecordBytes;
+      if (unit < kVDim / 8) {
+        const uint2 bytes = *reinterpret_cast<const uint2*>(record + unit * 8);
+        const float scale = *reinterpret_cast<const float*>(record + kVDim + (unit / 16) * 4);
+        const uint8_t* b = reinterpret_cast<const uint8_t*>(&bytes);
+        __nv_bfloat162 out[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          __nv_fp8_e4m3 lo, hi;
+          lo.__x = b[2 * e];
+          hi.__x = b[2 * e + 1];
+          out[e] = __floats2bfloat162_rn(static_cast<float>(lo) * scale,
+                                         static_cast<float>(hi) * scale);
+        }
+        v = *reinterpret_cast<const uint4*>(out);
+      } else {
+        v = *reinterpret_cast<const uint4*>(record + kVDim + 16 + (unit - kVDim / 8) * 16);
+      }
+    }
+    *reinterpret_cast<uint4*>(smem.kv(0) + (unit / 8) * kChunkBytes + swizzled(r, unit % 8)) = v;
+  }
+  ptx::fence_proxy_async_shared();
+}
+
 __device__ void write_split(const Params& p, const Smem& smem, int req, int m_block, int g,
                             bool direct, int slot, const float (&o)[128]) {
   const int lane = threadIdx.x % 32, warp_in_wg = (threadIdx.x / 32) % 4;
@@ -284,6 +328,7 @@ __device__ void write_split(const Params& p, const Smem& smem, int req, int m_bl
   }
 }
 
+template <bool kFp8Cache>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_kernel(const __grid_constant__ CUtensorMap kv_map, const __grid_constant__ Params p) {
   extern __shared__ uint8_t smem_raw[];
@@ -303,14 +348,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     ptx::mbarrier_init(smem.full(1), 1);
     ptx::fence_barrier_init();
   }
-  if (loader) ptx::tma_prefetch_descriptor(&kv_map);
+  if (!kFp8Cache && loader) ptx::tma_prefetch_descriptor(&kv_map);
   __syncthreads();
 
   uint32_t consumed = 0;  // tiles consumed so far; tile i lives in buffer i % 2
   for (int req = begin_req; req <= end_req; ++req) {
-    const int seqlen = max(__ldg(p.seqlens + req), 0);
+    // Lengths are sanitized by mla_decode; clamped here so no page index leaves the table.
+    const int seqlen = min(max(__ldg(p.seqlens + req), 0), p.max_blocks * p.page_size);
     const int tiles = max(1, (seqlen + kKeys - 1) / kKeys);
-    const int key_tiles = min((seqlen + kKeys - 1) / kKeys, p.max_blocks);
+    const int key_tiles = (seqlen + kKeys - 1) / kKeys;
     const int t0 = req == begin_req ? min(max(begin_tile, 0), tiles) : 0;
     const int t1 = req == end_req ? min(max(end_tile, t0), tiles) : tiles;
     const int t_end = min(t1, key_tiles);
@@ -321,7 +367,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     __syncthreads();  // the previous request's readers of Q are done
     load_q(p, smem, req, m_block, g);
-    if (loader && t0 < t_end) load_tile(&kv_map, smem, consumed % 2, page_of(p, req, t0), g);
+    if (!kFp8Cache && loader && t0 < t_end) {
+      load_tile(&kv_map, smem, consumed % 2, page_of(p, req, t0), g);
+    }
     __syncthreads();
 
     float o[128];
@@ -329,15 +377,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2] = {1.0f, 1.0f};
     for (int tile = t0; tile < t_end; ++tile, ++consumed) {
-      const int buffer = consumed % 2;
-      if (loader && tile + 1 < t_end) {
-        load_tile(&kv_map, smem, (consumed + 1) % 2, page_of(p, req, tile + 1), g);
-      }
-      ptx::mbarrier_wait(smem.full(buffer), (consumed / 2) & 1);
-      const int valid = seqlen - tile * kKeys;
-      if (valid < kKeys) {
-        zero_tail(smem, buffer, valid);
+      const int buffer = kFp8Cache ? 0 : consumed % 2;
+      if constexpr (kFp8Cache) {
+        load_tile_fp8(p, smem, req, tile, seqlen);
         ptx::named_barrier(1, kThreads);
+      } else {
+        if (loader && tile + 1 < t_end) {
+          load_tile(&kv_map, smem, (consumed + 1) % 2, page_of(p, req, tile + 1), g);
+        }
+        ptx::mbarrier_wait(smem.full(buffer), (consumed / 2) & 1);
+        const int valid = seqlen - tile * kKeys;
+        if (valid < kKeys) {
+          zero_tail(smem, buffer, valid);
+          ptx::named_barrier(1, kThreads);
+        }
       }
       if (math0) scores_and_softmax(p, smem, buffer, seqlen, tile, m_block, m, l, alpha);
       ptx::named_barrier(1, kThreads);
@@ -423,11 +476,11 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
 
 std::string unsupported(const DecodeProblem& problem) {
   if (problem.q_type != FloatType::kBFloat16) return "q must be bfloat16";
-  if (problem.kv_format != KvFormat::kUnquantized) {
-    return "the FP8 (656-byte) cache has no CUDA kernel yet; use impl='xla'";
-  }
-  if (problem.page_size != kKeys) return "the page size must be 64";
-  if (problem.num_blocks * kKeys > INT32_MAX) return "too many cache rows for TMA coordinates";
+  const bool fp8 = problem.kv_format == KvFormat::kFp8;
+  if (fp8 && problem.h_kv != 1) return "the FP8 cache has one KV head";
+  if (!fp8 && problem.page_size != kKeys) return "the page size of a bf16 cache must be 64";
+  if (problem.max_blocks * problem.page_size > INT32_MAX) return "too many tokens per request";
+  if (problem.num_blocks * problem.page_size > INT32_MAX) return "too many cache rows";
   if (problem.h_kv > 65535) return "h_kv must be at most 65535 (grid z)";
   return std::string();
 }
@@ -444,6 +497,8 @@ std::string mla_decode_sm90(const DecodeProblem& problem, const DecodeBuffers& b
   p.rows = p.s_q * p.heads_per_kv;
   p.max_blocks = static_cast<int>(problem.max_blocks);
   p.num_blocks = static_cast<int>(problem.num_blocks);
+  p.page_size = static_cast<int>(problem.page_size);
+  p.kv = static_cast<const uint8_t*>(buffers.kv);
   p.parts = static_cast<int>(problem.num_sm_parts);
   p.scale_log2 = problem.softmax_scale * kLog2e;
   p.causal = problem.causal && problem.s_q > 1;
@@ -457,23 +512,28 @@ std::string mla_decode_sm90(const DecodeProblem& problem, const DecodeBuffers& b
   p.o_accum = buffers.o_accum;
   p.lse_accum = buffers.lse_accum;
 
-  // kv_cache [num_blocks * 64 tokens, h_kv, 576] bf16; box: 64 channels x 1 head x 64 tokens.
-  CUtensorMap kv_map;
-  const uint64_t dims[3] = {static_cast<uint64_t>(kQkDim), static_cast<uint64_t>(problem.h_kv),
-                            static_cast<uint64_t>(problem.num_blocks * kKeys)};
-  const uint64_t strides[2] = {kQkDim * 2, static_cast<uint64_t>(problem.h_kv) * kQkDim * 2};
-  const uint32_t box[3] = {kChunk, 1, kKeys};
-  if (const char* error = ptx::encode_tensor_map(&kv_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3,
-                                                 buffers.kv, dims, strides, box,
-                                                 CU_TENSOR_MAP_SWIZZLE_128B)) {
-    return error;
+  const bool fp8 = problem.kv_format == KvFormat::kFp8;
+  // bf16 kv_cache [num_blocks * 64 tokens, h_kv, 576]; box: 64 channels x 1 head x 64 tokens.
+  // The FP8 cache is read without TMA (the map stays zero and unused).
+  CUtensorMap kv_map{};
+  if (!fp8) {
+    const uint64_t dims[3] = {static_cast<uint64_t>(kQkDim), static_cast<uint64_t>(problem.h_kv),
+                              static_cast<uint64_t>(problem.num_blocks * kKeys)};
+    const uint64_t strides[2] = {kQkDim * 2, static_cast<uint64_t>(problem.h_kv) * kQkDim * 2};
+    const uint32_t box[3] = {kChunk, 1, kKeys};
+    if (const char* error = ptx::encode_tensor_map(&kv_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3,
+                                                   buffers.kv, dims, strides, box,
+                                                   CU_TENSOR_MAP_SWIZZLE_128B)) {
+      return error;
+    }
   }
-  cudaError_t status = cudaFuncSetAttribute(
-      mla_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  auto* kernel = fp8 ? &mla_decode_kernel<true> : &mla_decode_kernel<false>;
+  cudaError_t status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (status != cudaSuccess) return cudaGetErrorString(status);
   const dim3 grid(static_cast<unsigned>(p.parts), static_cast<unsigned>((p.rows + kRows - 1) / kRows),
                   static_cast<unsigned>(p.h_kv));
-  mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(kv_map, p);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(kv_map, p);
   status = cudaGetLastError();
   if (status != cudaSuccess) return cudaGetErrorString(status);
   const int64_t items = problem.batch * problem.h_kv * p.rows;

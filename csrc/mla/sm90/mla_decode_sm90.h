@@ -1,4 +1,4 @@
-// Hopper (sm_90a) MLA decode over the bf16 paged latent cache: the host API
+// Hopper (sm_90a) MLA decode over the paged latent cache (bf16, or FP8 records): the host API
 // ffi/mla_cuda.cc calls. Same contract as mla.h (FlashMLA's split-KV schedule
 // from jaxinfra.mla.get_mla_metadata, partial outputs, combine).
 //
@@ -16,8 +16,8 @@ namespace jaxinfra {
 namespace mla {
 namespace sm90 {
 
-// What the kernel supports beyond the CPU contract: bf16 q and cache, page 64
-// ("" when supported).
+// What the kernel supports beyond the CPU contract: bf16 q; a bf16 cache with
+// page 64 or the FP8 656-byte cache with any page ("" when supported).
 std::string unsupported(const DecodeProblem& problem);
 
 // Enqueues the split-KV kernel and the combine kernel on `stream`; no
