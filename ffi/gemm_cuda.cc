@@ -4,9 +4,8 @@
 // CUDA graphs (TMA descriptors are encoded on the host at each call and passed
 // by value). Written without a GPU: compiled, never run; the ops list "cuda"
 // as unverified, so impl="auto" never selects these (impl="ffi" does).
-//
-// Not on CUDA yet: fp8_gemm with b_per_token=True (the 1D1D wgrad recipe) and
-// k_grouped_fp8_gemm; they return an error / have no CUDA handler.
+// All four GEMM targets: dense (per-block or per-token B scales), masked,
+// contiguous, and k-grouped.
 #include <cuda_runtime_api.h>
 
 #include <string>
@@ -72,13 +71,9 @@ ffi::Error Fp8GemmCuda(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer sfa
                        ffi::Result<ffi::AnyBuffer> d, bool b_per_token) {
   Problem p;
   JAXINFRA_GEMM_RETURN_IF_ERROR(fp8_gemm_args(a, sfa, b, sfb, c, *d, b_per_token, &p));
-  if (b_per_token) {
-    return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                      "fp8_gemm (CUDA): b_per_token=True (1x128 scales on B) has no CUDA "
-                      "kernel yet; use impl='xla'");
-  }
   Fp8GemmArgs args = common(p, a, sfa, b, sfb, &*d);
   args.layout = RowLayout::kDense;
+  args.b_per_token = b_per_token;
   args.c = c ? f32(*c) : nullptr;
   return run("fp8_gemm", args, stream);
 }
@@ -105,6 +100,20 @@ ffi::Error GroupedFp8GemmContiguousCuda(cudaStream_t stream, ffi::AnyBuffer a,
   args.row_layout = s32(layout);
   args.alignment = alignment;
   return run("grouped_fp8_gemm_contiguous", args, stream);
+}
+
+ffi::Error KGroupedFp8GemmCuda(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer sfa,
+                               ffi::AnyBuffer b, ffi::AnyBuffer sfb, ffi::AnyBuffer group_k,
+                               std::optional<ffi::AnyBuffer> c, ffi::Result<ffi::AnyBuffer> d) {
+  Problem p;
+  JAXINFRA_GEMM_RETURN_IF_ERROR(k_grouped_args(a, sfa, b, sfb, group_k, c, *d, &p));
+  Fp8GemmArgs args = common(p, a, sfa, b, sfb, &*d);
+  args.layout = RowLayout::kKGrouped;
+  args.b_per_token = true;
+  args.out = gemm::OutType::kFloat32;
+  args.row_layout = s32(group_k);
+  args.c = c ? f32(*c) : nullptr;
+  return run("k_grouped_fp8_gemm", args, stream);
 }
 
 }  // namespace
@@ -149,4 +158,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_contiguous_cuda,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("psum")
                                   .Attr<int64_t>("alignment"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_k_grouped_fp8_gemm_cuda,
+                              jaxinfra::ffi_gemm::KGroupedFp8GemmCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()          // a
+                                  .Arg<ffi::AnyBuffer>()          // sfa
+                                  .Arg<ffi::AnyBuffer>()          // b
+                                  .Arg<ffi::AnyBuffer>()          // sfb
+                                  .Arg<ffi::AnyBuffer>()          // group_k
+                                  .OptionalArg<ffi::AnyBuffer>()  // c (aliased with d)
+                                  .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});

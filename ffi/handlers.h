@@ -23,4 +23,5 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_fp8_gemm_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_contiguous_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_masked_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_mla_decode_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jaxinfra_k_grouped_fp8_gemm_cuda);
 #endif

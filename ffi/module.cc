@@ -39,7 +39,8 @@ const Target kTargets[] = {
      JAXINFRA_CUDA_HANDLER(jaxinfra_grouped_fp8_gemm_contiguous_cuda)},
     {"jaxinfra_grouped_fp8_gemm_masked", jaxinfra_grouped_fp8_gemm_masked_cpu,
      JAXINFRA_CUDA_HANDLER(jaxinfra_grouped_fp8_gemm_masked_cuda)},
-    {"jaxinfra_k_grouped_fp8_gemm", jaxinfra_k_grouped_fp8_gemm_cpu, nullptr},
+    {"jaxinfra_k_grouped_fp8_gemm", jaxinfra_k_grouped_fp8_gemm_cpu,
+     JAXINFRA_CUDA_HANDLER(jaxinfra_k_grouped_fp8_gemm_cuda)},
 };
 
 nb::capsule handler_capsule(XLA_FFI_Handler* handler) {

@@ -73,6 +73,38 @@ def test_dense_fp8_gemm_accumulates_into_c():
   assert calc_diff(got, want) < 1e-6
 
 
+@pytest.mark.parametrize("tokens, n, k", [(4096, 7168, 2048), (300, 96, 200), (1024, 576, 1000)])
+def test_dense_with_per_token_b_scales_and_c(tokens, n, k):
+  # The wgrad recipe: dW = dy^T x with 1 x 128 scales along the token axis on both sides.
+  _require_cuda_handler(gemm.FP8_GEMM)
+  dy, x, c = _normal(1, (tokens, n)), _normal(2, (tokens, k)), _normal(3, (n, k))
+  aq, as_ = _per_token(jnp.asarray(dy.T))
+  bq, bs = _per_token(jnp.asarray(x.T))
+  got = gemm.fp8_gemm(aq, as_, bq, bs, out_dtype=jnp.float32, c=jnp.asarray(c), impl="ffi")
+  want = gemm.fp8_gemm(aq, as_, bq, bs, out_dtype=jnp.float32, c=jnp.asarray(c), impl="xla")
+  exact = c + dy.T.astype(np.float64) @ x.astype(np.float64)
+  assert calc_diff(got, exact) < 1e-3
+  assert calc_diff(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("group_k, m, n", [([1024, 0, 2048, 512, 128], 512, 768),
+                                           ([128, 100, 256], 64, 130)])
+def test_k_grouped(group_k, m, n):
+  _require_cuda_handler(gemm.K_GROUPED_FP8_GEMM)
+  k_total = 128 * (sum(g for g in group_k if g > 0) // 128 + 1)
+  a, b = _normal(4, (m, k_total)), _normal(5, (n, k_total))
+  aq, as_ = _per_token(jnp.asarray(a))
+  bq, bs = _per_token(jnp.asarray(b))
+  c = _normal(6, (len(group_k), m, n))
+  sizes = jnp.asarray(group_k, jnp.int32)
+  got = np.asarray(gemm.k_grouped_fp8_gemm(aq, as_, bq, bs, sizes, c=jnp.asarray(c), impl="ffi"))
+  want = np.asarray(gemm.k_grouped_fp8_gemm(aq, as_, bq, bs, sizes, c=jnp.asarray(c),
+                                            impl="xla"))
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))  # NaN from the first bad group
+  finite = ~np.isnan(want)
+  assert calc_diff(got[finite], want[finite]) < 1e-6
+
+
 @pytest.mark.parametrize("groups, per_group, n, k", [(4, 1000, 4096, 7168), (8, 300, 7168, 2048),
                                                      (3, 77, 576, 512)])
 def test_contiguous_with_padding_blocks(groups, per_group, n, k):

@@ -48,16 +48,17 @@ constexpr int kProducerRegisters = 40;
 constexpr int kMathRegisters = 232;
 
 // Shared-memory plan of one (block_m, block_n) instantiation.
-template <int kBlockM, int kBlockN>
+template <int kBlockM, int kBlockN, bool kBPerToken>
 struct TileShape {
   static constexpr int kMathWarpgroups = kBlockM / kWarpgroupRows;
   static constexpr int kThreads = (kMathWarpgroups + 1) * 128;
   static constexpr int kABytes = kBlockM * kStageK;
   static constexpr int kBBytes = kBlockN * kStageK;
   static constexpr int kSfaBytes = kBlockM * 4;
-  static constexpr int kStageBytes = kABytes + kBBytes + kSfaBytes;
+  static constexpr int kSfbBytes = kBPerToken ? kBlockN * 4 : 0;  // per-token B scales
+  static constexpr int kStageBytes = kABytes + kBBytes + kSfaBytes + kSfbBytes;
   static constexpr int kFixedBytes =
-      1024 /* alignment slack */ + 2 * 8 * kMaxStages + 4 * kMaxContiguousEndsGroups;
+      1024 /* alignment slack */ + 2 * 8 * kMaxStages + 2 * 4 * kMaxContiguousEndsGroups;
   static constexpr int kFitStages = (kSmemBudget - kFixedBytes) / kStageBytes;
   static constexpr int kStages = kFitStages < kMaxStages ? kFitStages : kMaxStages;
   static constexpr int kSmemBytes = kFixedBytes + kStages * kStageBytes;
@@ -82,7 +83,7 @@ JAXINFRA_FP8_WGMMA(160)
 struct KernelParams {
   SchedulerParams sched;
   int64_t tiles;
-  int k_blocks;
+  int64_t k;                  // K (columns of A and B)
   int sfb_n_blocks;           // ceil(n / 128)
   const float* sfb;           // [problems, groups, sfb_n_blocks, k_blocks]
   const float* c;             // optional [problems * m, n] float32
@@ -91,9 +92,9 @@ struct KernelParams {
 };
 
 // Shared memory carved out of the dynamic allocation (1 KiB aligned).
-template <int kBlockM, int kBlockN>
+template <int kBlockM, int kBlockN, bool kBPerToken>
 struct SmemPlan {
-  using Shape = TileShape<kBlockM, kBlockN>;
+  using Shape = TileShape<kBlockM, kBlockN, kBPerToken>;
   uint8_t* base;
   __device__ explicit SmemPlan(uint8_t* raw)
       : base(reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023})) {}
@@ -105,6 +106,11 @@ struct SmemPlan {
     return reinterpret_cast<float*>(base + Shape::kStages * (Shape::kABytes + Shape::kBBytes) +
                                     s * Shape::kSfaBytes);
   }
+  __device__ float* sfb(int s) const {
+    return reinterpret_cast<float*>(base + Shape::kStages * (Shape::kABytes + Shape::kBBytes +
+                                                             Shape::kSfaBytes) +
+                                    s * Shape::kSfbBytes);
+  }
   __device__ uint64_t* full(int s) const {
     return reinterpret_cast<uint64_t*>(base + Shape::kStages * Shape::kStageBytes) + s;
   }
@@ -114,33 +120,42 @@ struct SmemPlan {
 
 // --- producer ------------------------------------------------------------------------------------
 
-template <int kBlockM, int kBlockN>
-__device__ __forceinline__ void produce(const SmemPlan<kBlockM, kBlockN>& smem,
+template <int kBlockM, int kBlockN, bool kBPerToken>
+__device__ __forceinline__ void produce(const SmemPlan<kBlockM, kBlockN, kBPerToken>& smem,
                                         const CUtensorMap* map_a, const CUtensorMap* map_b,
-                                        const CUtensorMap* map_sfa, const KernelParams& p) {
-  using Shape = TileShape<kBlockM, kBlockN>;
+                                        const CUtensorMap* map_sfa, const CUtensorMap* map_sfb,
+                                        const KernelParams& p) {
+  using Shape = TileShape<kBlockM, kBlockN, kBPerToken>;
   const bool leader = threadIdx.x % 32 == 0;
   if (leader) {
     jaxinfra::sm90::tma_prefetch_descriptor(map_a);
     jaxinfra::sm90::tma_prefetch_descriptor(map_b);
     jaxinfra::sm90::tma_prefetch_descriptor(map_sfa);
+    if (kBPerToken) jaxinfra::sm90::tma_prefetch_descriptor(map_sfb);
   }
   uint32_t iteration = 0;
   for (int64_t t = blockIdx.x; t < p.tiles; t += gridDim.x) {
     const Tile tile = resolve_tile<kBlockM, kBlockN>(p.sched, smem.ends(), t);
     if (!tile.compute) continue;
-    for (int kb = 0; kb < p.k_blocks; ++kb, ++iteration) {
+    // Scale rows: per problem in the batched layouts; one shared matrix for kKGrouped.
+    const int scale_row0 =
+        p.sched.layout == RowLayout::kKGrouped ? 0 : tile.problem * p.sched.k_blocks;
+    for (int kb = tile.kb0; kb < tile.kb0 + tile.k_blocks; ++kb, ++iteration) {
       const int s = iteration % Shape::kStages;
       const uint32_t phase = (iteration / Shape::kStages) & 1;
       if (leader) {
         mbarrier_wait(smem.empty(s), phase ^ 1);
         mbarrier_arrive_expect_tx(smem.full(s), Shape::kStageBytes);
         jaxinfra::sm90::tma_load_2d(map_a, smem.full(s), smem.a(s), kb * kStageK,
-                                    static_cast<int32_t>(tile.row0));
+                                    static_cast<int32_t>(tile.a_row0));
         jaxinfra::sm90::tma_load_2d(map_b, smem.full(s), smem.b(s), kb * kStageK,
                                     static_cast<int32_t>(tile.b_row0));
         jaxinfra::sm90::tma_load_2d(map_sfa, smem.full(s), smem.sfa(s), tile.m_block * kBlockM,
-                                    tile.problem * p.k_blocks + kb);
+                                    scale_row0 + kb);
+        if (kBPerToken) {
+          jaxinfra::sm90::tma_load_2d(map_sfb, smem.full(s), smem.sfb(s),
+                                      tile.n_block * kBlockN, scale_row0 + kb);
+        }
       }
       __syncwarp();
     }
@@ -163,13 +178,14 @@ struct Fragment {
   }
 };
 
-template <int kBlockM, int kBlockN>
-__device__ __forceinline__ void mainloop(const SmemPlan<kBlockM, kBlockN>& smem,
+template <int kBlockM, int kBlockN, bool kBPerToken>
+__device__ __forceinline__ void mainloop(const SmemPlan<kBlockM, kBlockN, kBPerToken>& smem,
                                          const KernelParams& p, const Tile& tile,
                                          const Fragment& frag, uint32_t* iteration,
-                                         float (&result)[TileShape<kBlockM, kBlockN>::kAccumulators]) {
-  using Shape = TileShape<kBlockM, kBlockN>;
+                                         float (&result)[TileShape<kBlockM, kBlockN, kBPerToken>::kAccumulators]) {
+  using Shape = TileShape<kBlockM, kBlockN, kBPerToken>;
   using Atom = typename Fp8Wgmma<kBlockN>::Atom;
+  const int lane = threadIdx.x % 32;
   constexpr int kN = Shape::kAccumulators;
   // B scale blocks the tile touches: columns < boundary use the first.
   const int n0 = tile.n_block * kBlockN;
@@ -177,17 +193,16 @@ __device__ __forceinline__ void mainloop(const SmemPlan<kBlockM, kBlockN>& smem,
   const int boundary = (scale_block + 1) * 128 - n0;
   const bool second = boundary < kBlockN && scale_block + 1 < p.sfb_n_blocks;
   const float* sfb = p.sfb + ((static_cast<int64_t>(tile.problem) * p.sched.groups + tile.group) *
-                                  p.sfb_n_blocks + scale_block) * p.k_blocks;
-  const int lane = threadIdx.x % 32;
+                                  p.sfb_n_blocks + scale_block) * p.sched.k_blocks;
   const int wg_row_offset = jaxinfra::sm90::warpgroup_index() * kWarpgroupRows * kStageK;
   float acc[kN];
 #pragma unroll
   for (int i = 0; i < kN; ++i) acc[i] = 0.0f;
-  for (int kb = 0; kb < p.k_blocks; ++kb, ++*iteration) {
+  for (int kb = tile.kb0; kb < tile.kb0 + tile.k_blocks; ++kb, ++*iteration) {
     const int s = *iteration % Shape::kStages;
     const uint32_t phase = (*iteration / Shape::kStages) & 1;
-    const float sb0 = __ldg(sfb + kb);
-    const float sb1 = second ? __ldg(sfb + p.k_blocks + kb) : 0.0f;
+    const float sb0 = kBPerToken ? 0.0f : __ldg(sfb + kb);
+    const float sb1 = !kBPerToken && second ? __ldg(sfb + p.sched.k_blocks + kb) : 0.0f;
     mbarrier_wait(smem.full(s), phase);
     const uint64_t desc_a = kmajor_sw128_descriptor(smem.a(s) + wg_row_offset);
     const uint64_t desc_b = kmajor_sw128_descriptor(smem.b(s));
@@ -204,6 +219,20 @@ __device__ __forceinline__ void mainloop(const SmemPlan<kBlockM, kBlockN>& smem,
     fence_registers(acc);
     const float sa0 = smem.sfa(s)[frag.row0];
     const float sa1 = smem.sfa(s)[frag.row0 + 8];
+    if constexpr (kBPerToken) {
+      // One scale per column (read from the stage before releasing it).
+#pragma unroll
+      for (int j = 0; j < kN / 4; ++j) {
+        const float2 sb = *reinterpret_cast<const float2*>(smem.sfb(s) + 8 * j + frag.col);
+        result[4 * j + 0] += acc[4 * j + 0] * (sa0 * sb.x);
+        result[4 * j + 1] += acc[4 * j + 1] * (sa0 * sb.y);
+        result[4 * j + 2] += acc[4 * j + 2] * (sa1 * sb.x);
+        result[4 * j + 3] += acc[4 * j + 3] * (sa1 * sb.y);
+      }
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(smem.empty(s));
+      continue;
+    }
     __syncwarp();
     if (lane == 0) mbarrier_arrive(smem.empty(s));  // the next TMA overlaps the promotion
 #pragma unroll
@@ -244,12 +273,12 @@ __device__ __forceinline__ void store_pair(const KernelParams& p, int64_t index,
 // Writes this thread's two rows of the tile: computed rows get `result`,
 // rows the layout leaves out get zeros, rows of another group are skipped
 // (the fix-up kernel writes them).
-template <int kBlockM, int kBlockN>
-__device__ __forceinline__ void epilogue(const SmemPlan<kBlockM, kBlockN>& smem,
+template <int kBlockM, int kBlockN, bool kBPerToken>
+__device__ __forceinline__ void epilogue(const SmemPlan<kBlockM, kBlockN, kBPerToken>& smem,
                                          const KernelParams& p, const Tile& tile,
                                          const Fragment& frag,
-                                         const float (&result)[TileShape<kBlockM, kBlockN>::kAccumulators]) {
-  constexpr int kN = TileShape<kBlockM, kBlockN>::kAccumulators;
+                                         const float (&result)[TileShape<kBlockM, kBlockN, kBPerToken>::kAccumulators]) {
+  constexpr int kN = TileShape<kBlockM, kBlockN, kBPerToken>::kAccumulators;
   const int n = p.sched.n;
   const bool even_n = n % 2 == 0;
 #pragma unroll
@@ -264,12 +293,13 @@ __device__ __forceinline__ void epilogue(const SmemPlan<kBlockM, kBlockN>& smem,
       computed = computed && g >= 0;
     }
     const int64_t row_index = tile.row0 + row;
+    const float fill = tile.valid ? 0.0f : __int_as_float(0x7fffffff);  // NaN: invalid K group
 #pragma unroll
     for (int j = 0; j < kN / 4; ++j) {
       const int col = tile.n_block * kBlockN + 8 * j + frag.col;
       if (col >= n) continue;
-      const float v0 = computed ? result[4 * j + 2 * half] : 0.0f;
-      const float v1 = computed ? result[4 * j + 2 * half + 1] : 0.0f;
+      const float v0 = computed ? result[4 * j + 2 * half] : fill;
+      const float v1 = computed ? result[4 * j + 2 * half + 1] : fill;
       const bool pair = even_n && col + 1 < n;
       store_pair(p, row_index * n + col, pair, v0, v1);
       if (!pair && col + 1 < n) store_pair(p, row_index * n + col + 1, false, v1, 0.0f);
@@ -277,15 +307,16 @@ __device__ __forceinline__ void epilogue(const SmemPlan<kBlockM, kBlockN>& smem,
   }
 }
 
-template <int kBlockM, int kBlockN>
-__global__ void __launch_bounds__(TileShape<kBlockM, kBlockN>::kThreads, 1)
+template <int kBlockM, int kBlockN, bool kBPerToken>
+__global__ void __launch_bounds__(TileShape<kBlockM, kBlockN, kBPerToken>::kThreads, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                     const __grid_constant__ CUtensorMap map_b,
                     const __grid_constant__ CUtensorMap map_sfa,
+                    const __grid_constant__ CUtensorMap map_sfb,
                     const int32_t* __restrict__ raw_ends, const __grid_constant__ KernelParams p) {
-  using Shape = TileShape<kBlockM, kBlockN>;
+  using Shape = TileShape<kBlockM, kBlockN, kBPerToken>;
   extern __shared__ uint8_t smem_raw[];
-  const SmemPlan<kBlockM, kBlockN> smem(smem_raw);
+  const SmemPlan<kBlockM, kBlockN, kBPerToken> smem(smem_raw);
   if (threadIdx.x == 0) {
     for (int s = 0; s < Shape::kStages; ++s) {
       jaxinfra::sm90::mbarrier_init(smem.full(s), 1);
@@ -295,13 +326,16 @@ __global__ void __launch_bounds__(TileShape<kBlockM, kBlockN>::kThreads, 1)
   }
   if (p.sched.layout == RowLayout::kContiguousEnds) {
     prefix_max_ends(raw_ends, p.sched.groups, p.sched.m, smem.ends());  // syncs
+  } else if (p.sched.layout == RowLayout::kKGrouped) {
+    prefix_k_groups(raw_ends, p.sched.groups, p.k, smem.ends(),
+                    smem.ends() + p.sched.groups);  // syncs
   } else {
     __syncthreads();
   }
 
   if (jaxinfra::sm90::warpgroup_index() == Shape::kMathWarpgroups) {
     jaxinfra::sm90::set_registers_dealloc<kProducerRegisters>();
-    if (threadIdx.x % 128 < 32) produce(smem, &map_a, &map_b, &map_sfa, p);
+    if (threadIdx.x % 128 < 32) produce(smem, &map_a, &map_b, &map_sfa, &map_sfb, p);
   } else {
     jaxinfra::sm90::set_registers_alloc<kMathRegisters>();
     const Fragment frag;
@@ -354,7 +388,7 @@ __global__ void __launch_bounds__(kFixupThreads)
       const uint8_t* a_ptr = a + a_row * k;
       const uint8_t* b_ptr = b + (b_group * n + col) * k;
       float total = 0.0f;
-      for (int kb = 0; kb < p.k_blocks; ++kb) {
+      for (int kb = 0; kb < p.sched.k_blocks; ++kb) {
         float block_sum = 0.0f;
         const int64_t k_end = min(k, static_cast<int64_t>(kb + 1) * kStageK);
         for (int64_t kk = static_cast<int64_t>(kb) * kStageK; kk < k_end; ++kk) {
@@ -363,9 +397,9 @@ __global__ void __launch_bounds__(kFixupThreads)
           y.__x = b_ptr[kk];
           block_sum += static_cast<float>(x) * static_cast<float>(y);
         }
-        const float sa = sfa[(static_cast<int64_t>(problem) * p.k_blocks + kb) * sfa_stride +
+        const float sa = sfa[(static_cast<int64_t>(problem) * p.sched.k_blocks + kb) * sfa_stride +
                              row_begin + row];
-        const float sb = p.sfb[(b_group * p.sfb_n_blocks + col / 128) * p.k_blocks + kb];
+        const float sb = p.sfb[(b_group * p.sfb_n_blocks + col / 128) * p.sched.k_blocks + kb];
         total += block_sum * (sa * sb);
       }
       store_pair(p, a_row * n + col, false, total, 0.0f);
@@ -386,24 +420,32 @@ std::string encode(CUtensorMap* map, CUtensorMapDataType type, const void* base,
   return error ? std::string(error) : std::string();
 }
 
-template <int kBlockM, int kBlockN>
+template <int kBlockM, int kBlockN, bool kBPerToken>
 std::string launch(const Fp8GemmArgs& args, const BlockConfig& config, cudaStream_t stream) {
-  using Shape = TileShape<kBlockM, kBlockN>;
-  const int64_t problems = args.batch;
+  using Shape = TileShape<kBlockM, kBlockN, kBPerToken>;
+  const bool k_grouped = args.layout == RowLayout::kKGrouped;
+  // kKGrouped: the tile space has one problem per K group over shared A and B.
+  const int64_t problems = k_grouped ? args.groups : args.batch;
+  const int64_t matrices = k_grouped ? 1 : args.batch;
   const int64_t k_blocks = ceil_div(args.k, kStageK);
   const int64_t sfa_stride = align_up(args.m, kScaleAlign);
-  CUtensorMap map_a, map_b, map_sfa;
+  const int64_t sfb_stride = align_up(args.n, kScaleAlign);
+  CUtensorMap map_a, map_b, map_sfa, map_sfb{};
   std::string error = encode(&map_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.a, args.k,
-                             problems * args.m, args.k, kStageK, kBlockM,
+                             matrices * args.m, args.k, kStageK, kBlockM,
                              CU_TENSOR_MAP_SWIZZLE_128B);
   if (error.empty()) {
     error = encode(&map_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.b, args.k,
-                   problems * args.groups * args.n, args.k, kStageK, kBlockN,
+                   matrices * (k_grouped ? 1 : args.groups) * args.n, args.k, kStageK, kBlockN,
                    CU_TENSOR_MAP_SWIZZLE_128B);
   }
   if (error.empty()) {
     error = encode(&map_sfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, args.sfa, sfa_stride,
-                   problems * k_blocks, sfa_stride * 4, kBlockM, 1, CU_TENSOR_MAP_SWIZZLE_NONE);
+                   matrices * k_blocks, sfa_stride * 4, kBlockM, 1, CU_TENSOR_MAP_SWIZZLE_NONE);
+  }
+  if (error.empty() && kBPerToken) {
+    error = encode(&map_sfb, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, args.sfb, sfb_stride,
+                   matrices * k_blocks, sfb_stride * 4, kBlockN, 1, CU_TENSOR_MAP_SWIZZLE_NONE);
   }
   if (!error.empty()) return error;
 
@@ -417,15 +459,16 @@ std::string launch(const Fp8GemmArgs& args, const BlockConfig& config, cudaStrea
   p.sched.m_blocks = static_cast<int>(ceil_div(args.m, kBlockM));
   p.sched.n_blocks = static_cast<int>(ceil_div(args.n, kBlockN));
   p.sched.row_layout = args.row_layout;
+  p.sched.k_blocks = static_cast<int>(k_blocks);
   p.tiles = problems * p.sched.m_blocks * p.sched.n_blocks;
-  p.k_blocks = static_cast<int>(k_blocks);
+  p.k = args.k;
   p.sfb_n_blocks = static_cast<int>(ceil_div(args.n, 128));
   p.sfb = args.sfb;
   p.c = args.c;
   p.d = args.d;
   p.out = args.out;
 
-  auto* kernel = &fp8_gemm_kernel<kBlockM, kBlockN>;
+  auto* kernel = &fp8_gemm_kernel<kBlockM, kBlockN, kBPerToken>;
   // A function attribute, not a stream operation: allowed while a graph is captured.
   cudaError_t status = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
@@ -433,7 +476,7 @@ std::string launch(const Fp8GemmArgs& args, const BlockConfig& config, cudaStrea
   const int ctas = static_cast<int>(p.tiles < config.ctas ? (p.tiles > 0 ? p.tiles : 1) : config.ctas);
   const bool ends = args.layout == RowLayout::kContiguousEnds;
   kernel<<<ctas, Shape::kThreads, Shape::kSmemBytes, stream>>>(
-      map_a, map_b, map_sfa, ends ? args.row_layout : nullptr, p);
+      map_a, map_b, map_sfa, map_sfb, ends || k_grouped ? args.row_layout : nullptr, p);
   status = cudaGetLastError();
   if (status != cudaSuccess) return cudaGetErrorString(status);
   if (args.layout == RowLayout::kContiguousIndices || ends) {
@@ -446,18 +489,45 @@ std::string launch(const Fp8GemmArgs& args, const BlockConfig& config, cudaStrea
   return std::string();
 }
 
-template <int kBlockM>
+template <int kBlockM, bool kBPerToken>
 std::string launch_block_n(const Fp8GemmArgs& args, const BlockConfig& config,
                            cudaStream_t stream) {
   switch (config.block_n) {
-    case 64: return launch<kBlockM, 64>(args, config, stream);
-    case 96: return launch<kBlockM, 96>(args, config, stream);
-    case 112: return launch<kBlockM, 112>(args, config, stream);
-    case 128: return launch<kBlockM, 128>(args, config, stream);
-    case 144: return launch<kBlockM, 144>(args, config, stream);
-    case 160: return launch<kBlockM, 160>(args, config, stream);
+    case 64: return launch<kBlockM, 64, kBPerToken>(args, config, stream);
+    case 96: return launch<kBlockM, 96, kBPerToken>(args, config, stream);
+    case 112: return launch<kBlockM, 112, kBPerToken>(args, config, stream);
+    case 128: return launch<kBlockM, 128, kBPerToken>(args, config, stream);
+    case 144: return launch<kBlockM, 144, kBPerToken>(args, config, stream);
+    case 160: return launch<kBlockM, 160, kBPerToken>(args, config, stream);
     default: return "fp8_gemm_sm90: no kernel for block_n " + std::to_string(config.block_n);
   }
+}
+
+// One launch per vmap problem, for the layouts whose layout table lives in
+// shared memory (group ends, K groups).
+std::string launch_per_problem(const Fp8GemmArgs& args, int num_sms, cudaStream_t stream) {
+  const int64_t k_blocks = ceil_div(args.k, kStageK);
+  const int64_t out_bytes = args.out == OutType::kFloat32 ? 4 : 2;
+  const bool k_grouped = args.layout == RowLayout::kKGrouped;
+  for (int64_t i = 0; i < args.batch; ++i) {
+    Fp8GemmArgs one = args;
+    one.batch = 1;
+    one.a += i * args.m * args.k;
+    one.sfa += i * k_blocks * align_up(args.m, kScaleAlign);
+    one.row_layout += i * args.groups;
+    if (k_grouped) {
+      one.b += i * args.n * args.k;
+      one.sfb += i * k_blocks * align_up(args.n, kScaleAlign);
+      if (one.c != nullptr) one.c += i * args.groups * args.m * args.n;
+      one.d = static_cast<uint8_t*>(args.d) + i * args.groups * args.m * args.n * out_bytes;
+    } else {
+      one.b += i * args.groups * args.n * args.k;
+      one.sfb += i * args.groups * ceil_div(args.n, 128) * k_blocks;
+      one.d = static_cast<uint8_t*>(args.d) + i * args.m * args.n * out_bytes;
+    }
+    if (std::string error = fp8_gemm_sm90(one, num_sms, stream); !error.empty()) return error;
+  }
+  return std::string();
 }
 
 }  // namespace
@@ -470,12 +540,19 @@ std::string unsupported(const Fp8GemmArgs& args) {
       args.batch * ceil_div(args.k, kStageK) > kMaxRows) {
     return "too many rows for 32-bit TMA coordinates";
   }
-  if (args.layout == RowLayout::kContiguousEnds && args.groups > kMaxContiguousEndsGroups) {
-    return "group_ends supports at most " + std::to_string(kMaxContiguousEndsGroups) + " groups";
+  const bool k_grouped = args.layout == RowLayout::kKGrouped;
+  if ((args.layout == RowLayout::kContiguousEnds || k_grouped) &&
+      args.groups > kMaxContiguousEndsGroups) {
+    return "at most " + std::to_string(kMaxContiguousEndsGroups) + " groups in this layout";
   }
+  if (k_grouped && !args.b_per_token) return "k-grouped GEMMs take per-token B scales";
+  if (args.b_per_token && !k_grouped && args.layout != RowLayout::kDense) {
+    return "per-token B scales are supported by the dense and k-grouped GEMMs only";
+  }
+  if (k_grouped && args.out != OutType::kFloat32) return "k-grouped GEMMs write float32";
   if (args.alignment < 1 || args.alignment > INT32_MAX) return "alignment must be in [1, 2^31)";
   for (const void* ptr : {static_cast<const void*>(args.a), static_cast<const void*>(args.b),
-                          static_cast<const void*>(args.sfa)}) {
+                          static_cast<const void*>(args.sfa), static_cast<const void*>(args.sfb)}) {
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return "operands must be 16-byte aligned";
   }
   if (args.c != nullptr && args.out != OutType::kFloat32) return "c needs a float32 output";
@@ -484,26 +561,18 @@ std::string unsupported(const Fp8GemmArgs& args) {
 
 std::string fp8_gemm_sm90(const Fp8GemmArgs& args, int num_sms, cudaStream_t stream) {
   if (std::string why = unsupported(args); !why.empty()) return why;
-  if (args.layout == RowLayout::kContiguousEnds && args.batch > 1) {
-    // The kernel keeps one problem's group ends in shared memory: one launch per problem.
-    for (int64_t i = 0; i < args.batch; ++i) {
-      Fp8GemmArgs one = args;
-      const int64_t k_blocks = ceil_div(args.k, kStageK);
-      one.batch = 1;
-      one.a += i * args.m * args.k;
-      one.sfa += i * k_blocks * align_up(args.m, kScaleAlign);
-      one.b += i * args.groups * args.n * args.k;
-      one.sfb += i * args.groups * ceil_div(args.n, 128) * k_blocks;
-      one.row_layout += i * args.groups;
-      one.d = static_cast<uint8_t*>(args.d) +
-              i * args.m * args.n * (args.out == OutType::kFloat32 ? 4 : 2);
-      if (std::string error = fp8_gemm_sm90(one, num_sms, stream); !error.empty()) return error;
-    }
-    return std::string();
+  const bool k_grouped = args.layout == RowLayout::kKGrouped;
+  if ((args.layout == RowLayout::kContiguousEnds || k_grouped) && args.batch > 1) {
+    return launch_per_problem(args, num_sms, stream);
   }
-  const BlockConfig config = choose_block_config(args.layout, args.batch, args.m, args.n, num_sms);
-  return config.block_m == 64 ? launch_block_n<64>(args, config, stream)
-                              : launch_block_n<128>(args, config, stream);
+  const int64_t problems = k_grouped ? args.groups : args.batch;
+  const BlockConfig config = choose_block_config(args.layout, problems, args.m, args.n, num_sms);
+  if (args.b_per_token) {
+    return config.block_m == 64 ? launch_block_n<64, true>(args, config, stream)
+                                : launch_block_n<128, true>(args, config, stream);
+  }
+  return config.block_m == 64 ? launch_block_n<64, false>(args, config, stream)
+                              : launch_block_n<128, false>(args, config, stream);
 }
 
 }  // namespace sm90

@@ -7,8 +7,11 @@
 // at the same time share A rows and a few B tiles in L2.
 //
 // Each tile resolves to:
-//   row0     first A row of the tile, in the flattened [problems * m, k] A
+//   row0     first D row of the tile, in the flattened [problems * m, n] D
+//   a_row0   first A row, in the flattened [problems * m, k] A (kKGrouped: A is shared)
 //   b_row0   first B row, in the flattened [problems * groups * n, k] B
+//   kb0, k_blocks  the tile's 128-wide K blocks (kKGrouped: its group's segment)
+//   valid    false for a kKGrouped group after an invalid group_k (its D is NaN)
 //   group    the B matrix (contiguous layouts: the group of the tile's first
 //            row that belongs to a group; -1 when no row does)
 //   rows     rows of the tile that exist (m - m_block * block_m, at most block_m)
@@ -34,6 +37,7 @@ constexpr int kRasterNBlocks = 16;
 struct SchedulerParams {
   RowLayout layout;
   int problems, m, n, groups, alignment;
+  int k_blocks;               // ceil(k / 128) of the whole K
   int m_blocks, n_blocks;
   const int32_t* row_layout;  // see Fp8GemmArgs
 };
@@ -41,10 +45,12 @@ struct SchedulerParams {
 struct Tile {
   int problem, m_block, n_block;
   int group;
+  int kb0, k_blocks;
+  bool valid;
   int rows;        // rows of the tile inside [0, m)
   int valid_rows;  // rows the layout computes (masked: up to masked_m; else rows)
   bool compute;
-  int64_t row0, b_row0;
+  int64_t row0, a_row0, b_row0;
 };
 
 // Group of row `row` (< m) of problem `problem` in a contiguous layout, or -1.
@@ -82,6 +88,7 @@ __device__ __forceinline__ int block_group(const SchedulerParams& p, const int32
 }
 
 // Resolves tile `t`; called by a whole warp (the contiguous layouts use a ballot).
+// `ends` is the shared-memory layout table (prefix_max_ends / prefix_k_groups).
 template <int kBlockM, int kBlockN>
 __device__ __forceinline__ Tile resolve_tile(const SchedulerParams& p, const int32_t* ends,
                                              int64_t t) {
@@ -98,6 +105,10 @@ __device__ __forceinline__ Tile resolve_tile(const SchedulerParams& p, const int
   tile.rows = min(kBlockM, p.m - tile.m_block * kBlockM);
   tile.row0 = static_cast<int64_t>(tile.problem) * p.m + static_cast<int64_t>(tile.m_block) * kBlockM;
   tile.valid_rows = tile.rows;
+  tile.a_row0 = tile.row0;
+  tile.kb0 = 0;
+  tile.k_blocks = p.k_blocks;
+  tile.valid = true;
   tile.group = 0;
   tile.compute = true;
   if (p.layout == RowLayout::kMasked) {
@@ -106,6 +117,16 @@ __device__ __forceinline__ Tile resolve_tile(const SchedulerParams& p, const int
     tile.valid_rows = static_cast<int>(min(static_cast<int64_t>(tile.rows),
                                      max(valid - static_cast<int64_t>(tile.m_block) * kBlockM,
                                          int64_t{0})));
+  } else if (p.layout == RowLayout::kKGrouped) {
+    // Problem = K group; A and B are shared: rows relative to one [m, K] / [n, K] matrix.
+    tile.a_row0 = static_cast<int64_t>(tile.m_block) * kBlockM;
+    tile.kb0 = ends[tile.problem];
+    tile.k_blocks = ends[p.groups + tile.problem];
+    tile.valid = tile.k_blocks >= 0;
+    tile.compute = tile.valid;
+    if (!tile.valid) tile.k_blocks = 0;
+    tile.b_row0 = static_cast<int64_t>(tile.n_block) * kBlockN;
+    return tile;
   } else if (p.layout != RowLayout::kDense) {
     tile.group = block_group(p, ends, tile.problem, tile.m_block * kBlockM, tile.rows);
     tile.compute = tile.group >= 0;
@@ -136,6 +157,42 @@ __device__ __forceinline__ void prefix_max_ends(const int32_t* raw, int groups, 
       }
       if (g < groups) ends[g] = v;
       carry = __shfl_sync(0xffffffffu, v, 31);
+    }
+  }
+  __syncthreads();
+}
+
+// kKGrouped: from group_k [groups] fills starts[g] (first K block of group g)
+// and counts[g] = group_k[g] / 128, or -1 when group g or one before it is
+// invalid (gemm.h's k_group_ok). Warp 0 scans 32 groups at a time; every
+// thread of the CTA calls it (it ends with __syncthreads).
+__device__ __forceinline__ void prefix_k_groups(const int32_t* group_k, int groups,
+                                                int64_t k_total, int32_t* starts,
+                                                int32_t* counts) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int64_t start = 0;
+    bool valid = true;
+    for (int base = 0; base < groups; base += 32) {
+      const int g = base + lane;
+      // Sizes are clamped so the running sum stays small; a clamped size is invalid anyway.
+      const int64_t size = g < groups ? clamp64(__ldg(group_k + g), -1, k_total + 1) : 0;
+      int64_t end = size;  // inclusive prefix sum of the sizes
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const int64_t other = __shfl_up_sync(0xffffffffu, end, offset);
+        if (lane >= offset) end += other;
+      }
+      const int64_t my_start = start + end - size;
+      const bool ok = g >= groups || k_group_ok(static_cast<int32_t>(size), my_start, k_total);
+      const unsigned bad = __ballot_sync(0xffffffffu, !ok);
+      const bool before_bad = bad == 0 || lane < __ffs(bad) - 1;
+      if (g < groups) {
+        starts[g] = static_cast<int32_t>(my_start / kBlockK);
+        counts[g] = valid && before_bad ? static_cast<int32_t>(size / kBlockK) : -1;
+      }
+      valid = valid && bad == 0;
+      start += __shfl_sync(0xffffffffu, end, 31);
     }
   }
   __syncthreads();
