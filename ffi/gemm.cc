@@ -8,12 +8,6 @@ namespace jaxinfra {
 namespace ffi_gemm {
 namespace {
 
-const uint8_t* u8(const ffi::AnyBuffer& x) { return static_cast<const uint8_t*>(x.untyped_data()); }
-const float* f32(const ffi::AnyBuffer& x) { return static_cast<const float*>(x.untyped_data()); }
-const int32_t* s32(const ffi::AnyBuffer& x) {
-  return static_cast<const int32_t*>(x.untyped_data());
-}
-
 ffi::Error Fp8GemmCpu(ffi::AnyBuffer a, ffi::AnyBuffer sfa, ffi::AnyBuffer b, ffi::AnyBuffer sfb,
                       std::optional<ffi::AnyBuffer> c, ffi::Result<ffi::AnyBuffer> d,
                       bool b_per_token) {

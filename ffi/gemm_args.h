@@ -33,6 +33,17 @@ inline const char* type_name(ffi::DataType dtype) {
   }
 }
 
+// Typed pointers to a buffer's data (the handlers check the dtype first).
+inline const uint8_t* u8(const ffi::AnyBuffer& x) {
+  return static_cast<const uint8_t*>(x.untyped_data());
+}
+inline const float* f32(const ffi::AnyBuffer& x) {
+  return static_cast<const float*>(x.untyped_data());
+}
+inline const int32_t* s32(const ffi::AnyBuffer& x) {
+  return static_cast<const int32_t*>(x.untyped_data());
+}
+
 // The leading (batch) dimensions of the first operand, which every other
 // operand must share, and their product.
 struct Batch {

@@ -31,13 +31,16 @@ const Target kTargets[] = {
      JAXINFRA_CUDA_HANDLER(jaxinfra_quantize_per_token_cuda)},
     {"jaxinfra_quantize_per_block", jaxinfra_quantize_per_block_cpu,
      JAXINFRA_CUDA_HANDLER(jaxinfra_quantize_per_block_cuda)},
-    {"jaxinfra_mla_decode", jaxinfra_mla_decode_cpu, nullptr},
+    {"jaxinfra_mla_decode", jaxinfra_mla_decode_cpu, JAXINFRA_CUDA_HANDLER(jaxinfra_mla_decode_cuda)},
     {"jaxinfra_moe_permute", jaxinfra_moe_permute_cpu, nullptr},
     {"jaxinfra_moe_unpermute", jaxinfra_moe_unpermute_cpu, nullptr},
-    {"jaxinfra_fp8_gemm", jaxinfra_fp8_gemm_cpu, nullptr},
-    {"jaxinfra_grouped_fp8_gemm_contiguous", jaxinfra_grouped_fp8_gemm_contiguous_cpu, nullptr},
-    {"jaxinfra_grouped_fp8_gemm_masked", jaxinfra_grouped_fp8_gemm_masked_cpu, nullptr},
-    {"jaxinfra_k_grouped_fp8_gemm", jaxinfra_k_grouped_fp8_gemm_cpu, nullptr},
+    {"jaxinfra_fp8_gemm", jaxinfra_fp8_gemm_cpu, JAXINFRA_CUDA_HANDLER(jaxinfra_fp8_gemm_cuda)},
+    {"jaxinfra_grouped_fp8_gemm_contiguous", jaxinfra_grouped_fp8_gemm_contiguous_cpu,
+     JAXINFRA_CUDA_HANDLER(jaxinfra_grouped_fp8_gemm_contiguous_cuda)},
+    {"jaxinfra_grouped_fp8_gemm_masked", jaxinfra_grouped_fp8_gemm_masked_cpu,
+     JAXINFRA_CUDA_HANDLER(jaxinfra_grouped_fp8_gemm_masked_cuda)},
+    {"jaxinfra_k_grouped_fp8_gemm", jaxinfra_k_grouped_fp8_gemm_cpu,
+     JAXINFRA_CUDA_HANDLER(jaxinfra_k_grouped_fp8_gemm_cuda)},
 };
 
 nb::capsule handler_capsule(XLA_FFI_Handler* handler) {

@@ -97,3 +97,23 @@ def test_doctor_command_line(tmp_path):
                         text=True, timeout=120, check=False, cwd=tmp_path)
   assert done.returncode == 0, done.stdout + done.stderr
   assert re.search(r"jaxinfra_quantize_per_token +auto", done.stdout)
+
+
+# Hopper kernels written without a GPU: registered in CUDA builds, never
+# verified, so impl="auto" must not select them (docs/gpu-kernels.md).
+UNVERIFIED_CUDA_TARGETS = {"jaxinfra_fp8_gemm", "jaxinfra_grouped_fp8_gemm_contiguous",
+                           "jaxinfra_grouped_fp8_gemm_masked", "jaxinfra_k_grouped_fp8_gemm",
+                           "jaxinfra_mla_decode"}
+
+
+def test_unrun_cuda_kernels_are_registered_but_not_verified():
+  from jaxinfra import gemm, mla  # pylint: disable=g-import-not-at-top
+  info = _ffi.build_info()
+  registrations = _ffi.registrations()
+  for target in UNVERIFIED_CUDA_TARGETS:
+    assert set(registrations[target]) == ({"cpu", "CUDA"} if info["cuda"] else {"cpu"})
+  for call in (gemm.FP8_GEMM, gemm.GROUPED_FP8_GEMM_CONTIGUOUS, gemm.GROUPED_FP8_GEMM_MASKED,
+               gemm.K_GROUPED_FP8_GEMM, mla.MLA_DECODE):
+    assert call.target in UNVERIFIED_CUDA_TARGETS
+    assert "cuda" not in call.verified
+    assert "cuda" not in _custom_call.auto_platforms(call)

@@ -20,7 +20,10 @@ def test_bench_mla_reports_both_impls(tmp_path, capsys):
   assert cli.main(["bench", "mla", "--iters", "1", "--json", str(path)]) == 0
   result = json.loads(path.read_text())
   assert result["benchmark"] == "mla" and result["size"] == "small"
-  rows = result["rows"]
+  ceilings = [row for row in result["rows"] if row["impl"].startswith("ceiling")]
+  assert [row["impl"] for row in ceilings] == ["ceiling: copy (x -> -x)", "ceiling: bf16 matmul"]
+  assert ceilings[0]["gb_per_s"] > 0 and ceilings[1]["tflops"] > 0
+  rows = [row for row in result["rows"] if not row["impl"].startswith("ceiling")]
   assert {row["impl"] for row in rows} == {"xla", "ffi"}
   assert len(rows) == 2 * len(mla_bench._SMALL)  # pylint: disable=protected-access
   for row in rows:
@@ -30,4 +33,6 @@ def test_bench_mla_reports_both_impls(tmp_path, capsys):
     assert seconds > 0
     assert abs(row["tflops"] * 1e12 * seconds / flops - 1) < 1e-9
     assert abs(row["gb_per_s"] * 1e9 * seconds / moved - 1) < 1e-9
+    assert abs(row["of_copy"] * ceilings[0]["gb_per_s"] / row["gb_per_s"] - 1) < 1e-9
+    assert abs(row["of_matmul"] * ceilings[1]["tflops"] / row["tflops"] - 1) < 1e-9
   assert "jaxinfra bench mla (small)" in capsys.readouterr().out
