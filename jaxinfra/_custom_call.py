@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.machinery
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -111,9 +113,43 @@ def abi_error(build: dict, runtime: tuple[int, int] | None) -> str | None:
           f"one installed")
 
 
-def _load_and_register() -> None:
+def _installed_extension_dir() -> str | None:
+  """The ``jaxinfra`` directory of another ``sys.path`` entry holding a built
+  ``_ffi`` extension, or None.
+
+  Running ``python -m pipelines.train`` (or ``python -m pytest``) from a
+  checkout imports the checkout's ``jaxinfra``, which has no compiled
+  extension when the package was installed with ``pip install .``; the
+  installed extension is then used with the checkout's Python code.
+  """
+  jaxinfra_dir = os.path.dirname(os.path.abspath(__file__))
+  for entry in sys.path:
+    candidate = os.path.join(os.path.abspath(entry or os.curdir), "jaxinfra")
+    if candidate == jaxinfra_dir or not os.path.isdir(candidate):
+      continue
+    if any(os.path.isfile(os.path.join(candidate, "_ffi" + suffix))
+           for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+      return candidate
+  return None
+
+
+def _import_extension():
   try:
     from jaxinfra import _ffi  # pylint: disable=g-import-not-at-top
+    return _ffi
+  except ImportError:
+    installed = _installed_extension_dir()
+    if installed is None:
+      raise
+  package = sys.modules["jaxinfra"]
+  package.__path__.append(installed)
+  from jaxinfra import _ffi  # pylint: disable=g-import-not-at-top,reimported
+  return _ffi
+
+
+def _load_and_register() -> None:
+  try:
+    _ffi = _import_extension()
   except ImportError as e:
     _EXT.load_error = f"{type(e).__name__}: {e}"
     return

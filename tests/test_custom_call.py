@@ -117,3 +117,16 @@ def test_unrun_cuda_kernels_are_registered_but_not_verified():
     assert call.target in UNVERIFIED_CUDA_TARGETS
     assert "cuda" not in call.verified
     assert "cuda" not in _custom_call.auto_platforms(call)
+
+
+def test_checkout_without_extension_uses_the_installed_one():
+  # `python -m pipelines.train` from a checkout imports the checkout's jaxinfra;
+  # after a plain `pip install .` it has no _ffi, and the installed one is used.
+  import os  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import jaxinfra; from jaxinfra import _custom_call as c; "
+          "print(c.extension_error()); print(sorted(c._EXT.registered))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       check=True, timeout=300).stdout.splitlines()
+  assert out[0] == "None"
+  assert "jaxinfra_quantize_per_token" in out[1]
