@@ -1,4 +1,4 @@
 """Models built from jaxinfra ops, run from a checkout (not installed).
 
-Planned: DeepSeek-V3 in Flax NNX (see the README's status table).
+* :mod:`models.deepseek_v3`: DeepSeek-V3 in Flax NNX.
 """

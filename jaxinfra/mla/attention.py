@@ -26,6 +26,7 @@ Two ways to run it:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -82,15 +83,22 @@ class MultiHeadLatentAttention(nnx.Module):
     dtype: computation dtype of the projections.
     param_dtype: parameter dtype.
     decode_impl: ``impl`` passed to ``mla_decode``.
+    projection: optional factory ``projection(in_features, out_features) ->
+      module`` (``[..., in] -> [..., out]``) for ``wq_a``, ``wq_b`` (or
+      ``wq``), ``wkv_a`` and ``wo``, e.g. an FP8 layer from
+      ``jaxinfra.gemm``; default ``nnx.Linear``. ``wkv_b`` is always an
+      ``nnx.Linear`` (``[kv_lora, h * (nope + v)]``): decode absorbs its kernel.
   """
 
   def __init__(self, config: MLAConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, decode_impl: str = "auto"):
+               param_dtype=jnp.float32, decode_impl: str = "auto",
+               projection: Callable[[int, int], nnx.Module] | None = None):
     self.config = config
     self.decode_impl = decode_impl
     c, h = config, config.n_heads
-    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
+    dense = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                    rngs=rngs)
+    linear = projection or dense
     norm = lambda n: nnx.RMSNorm(n, epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype,
                                  rngs=rngs)
     if c.q_lora_rank:
@@ -101,7 +109,7 @@ class MultiHeadLatentAttention(nnx.Module):
       self.wq = linear(c.dim, h * c.qk_head_dim)
     self.wkv_a = linear(c.dim, c.kv_lora_rank + c.qk_rope_head_dim)
     self.kv_norm = norm(c.kv_lora_rank)
-    self.wkv_b = linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim))
+    self.wkv_b = dense(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim))
     self.wo = linear(h * c.v_head_dim, c.dim)
 
   # --- pieces shared by both forms ---
