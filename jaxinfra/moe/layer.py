@@ -22,7 +22,31 @@ Expert parallelism: with ``mesh`` and ``ep_axis`` (an axis name, or
 ``[r * P/R, (r+1) * P/R)``, and routed tokens move with
 :func:`jaxinfra.moe.dispatch`/:func:`jaxinfra.moe.combine` (``mode="normal"``,
 differentiable) or the low-latency pair (``mode="low_latency"``, decode,
-forward only). Without a mesh everything runs locally.
+forward only). Without a mesh or an EP axis everything runs locally.
+
+Inside your own ``shard_map`` (a model already manual over the EP axis, a
+pipeline stage): build the layer with ``ep_axis`` and **no** ``mesh``. It then
+runs the same per-rank body without a second ``shard_map``: ``x [n, H]`` is
+this rank's tokens and the expert weights are this rank's slots
+``[P/R, ...]``. The weights get there through ``in_specs``;
+:meth:`MoE.param_specs` gives each array's spec::
+
+    layer = MoE(..., ep_axis="ep", rngs=nnx.Rngs(0))     # full weights [P, ...]
+    params, specs = layer.params(), layer.param_specs()  # dicts of arrays / specs
+
+    def body(params, x):                                 # x: this rank's tokens
+      return layer.apply(params, x)                      # (y, MoEStats)
+
+    jax.shard_map(body, mesh=mesh, in_specs=(specs, P("ep")),
+                  out_specs=(P("ep"), P()))(params, x)
+
+:meth:`MoE.apply` is the functional form (a dict of arrays in, no module
+state touched), the recommended one wherever parameters arrive as arrays, e.g.
+a pipeline's ``stage_fn(stage_params, x)`` with ``stage_specs=
+layer.param_specs()`` (``tests/test_pipeline_moe.py``). NNX's
+``nnx.merge(graphdef, state)(x)`` inside the ``shard_map`` works too (the
+state's expert weights sharded ``P(ep_axis)``); ``apply`` avoids building
+``State`` spec trees.
 
 Capacity: ``capacity_factor=None`` never drops a token. A factor ``f`` sizes
 the buffers for ``f`` times the balanced load: ``ceil(f * N * K / R)`` rows
@@ -59,6 +83,7 @@ from jaxinfra.moe import permutation as permute_lib
 from jaxinfra.moe import routing
 
 MODES = ("normal", "low_latency")
+_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 class RouterBias(nnx.Variable):
@@ -203,7 +228,9 @@ class MoE(nnx.Module):
       ``num_shared_experts * shared_intermediate`` units; 0 for none).
     shared_intermediate: default ``intermediate``.
     num_slots: ``P`` physical expert slots (default ``E``).
-    mesh, ep_axis: expert parallelism (None: local).
+    mesh, ep_axis: expert parallelism (both None: local). ``ep_axis``
+      without ``mesh``: the layer is called inside an enclosing ``shard_map``
+      that is manual over ``ep_axis`` (see the module docstring).
     mode: ``"normal"`` or ``"low_latency"`` (needs a single EP axis).
     fp8: FP8 dispatch (and FP8 grouped GEMMs once ``jaxinfra.gemm`` lands).
     capacity_factor: None (dropless) or the buffers' factor over a balanced load.
@@ -224,8 +251,9 @@ class MoE(nnx.Module):
                rngs: nnx.Rngs):
     if mode not in MODES:
       raise ValueError(f"MoE: mode must be one of {MODES}, got {mode!r}")
-    if (mesh is None) != (ep_axis is None):
-      raise ValueError("MoE: give both mesh and ep_axis for expert parallelism, or neither")
+    if mesh is not None and ep_axis is None:
+      raise ValueError("MoE: a mesh needs ep_axis (the EP axis name); give ep_axis without a "
+                       "mesh to run inside an enclosing shard_map")
     num_slots = num_experts if num_slots is None else num_slots
     if num_slots < num_experts:
       raise ValueError(f"MoE: num_slots={num_slots} must be >= num_experts={num_experts}")
@@ -239,8 +267,8 @@ class MoE(nnx.Module):
         raise ValueError(f"MoE: num_slots={num_slots} must be divisible by the EP size {ranks}")
       if mode == "low_latency" and not isinstance(ep_axis, str):
         raise ValueError("MoE: low_latency mode needs a single EP axis name")
-    elif mode == "low_latency":
-      raise ValueError("MoE: low_latency mode needs mesh and ep_axis")
+    elif mode == "low_latency" and (ep_axis is None or not isinstance(ep_axis, str)):
+      raise ValueError("MoE: low_latency mode needs a single EP axis name (ep_axis)")
     if capacity_factor is not None and capacity_factor <= 0:
       raise ValueError(f"MoE: capacity_factor must be positive, got {capacity_factor}")
     self.hidden, self.intermediate = hidden, intermediate
@@ -358,28 +386,88 @@ class MoE(nnx.Module):
 
   # -- public -----------------------------------------------------------------------------------
 
+  def params(self) -> dict[str, jax.Array]:
+    """The layer's arrays by name, for :meth:`apply` (``gate_bias`` included).
+
+    Keys: ``router [H, E]``, ``gate_bias [E]``, ``w_gate``/``w_up [P, I, H]``,
+    ``w_down [P, H, I]`` and, with shared experts, ``shared_gate``/
+    ``shared_up [H, S]``, ``shared_down [S, H]``.
+    """
+    names = ("router", "gate_bias", "w_gate", "w_up", "w_down")
+    if self.num_shared:
+      names += ("shared_gate", "shared_up", "shared_down")
+    return {name: getattr(self, name)[...] for name in names}
+
+  def param_specs(self) -> dict[str, P]:
+    """``PartitionSpec`` of each :meth:`params` array over the EP axes.
+
+    Expert weights ``P(ep_axes)`` (slots split over the EP ranks), everything
+    else replicated ``P()``. Use them as ``shard_map`` ``in_specs`` (or a
+    pipeline's ``stage_specs``) when calling :meth:`apply` inside your own
+    ``shard_map``.
+    """
+    if self.ep_axis is None:
+      raise ValueError("MoE.param_specs: the layer has no ep_axis")
+    split = P(_mesh_axes(self.ep_axis))
+    return {name: split if name in _EXPERT_WEIGHTS else P() for name in self.params()}
+
   def __call__(self, x: jax.Array, *,
                expert_map: Callable[[jax.Array], jax.Array] | None = None
                ) -> tuple[jax.Array, MoEStats]:
     """Applies the layer.
 
     Args:
-      x: ``[N, H]`` tokens (flatten batch and sequence first); with EP, ``N``
-        must be divisible by the EP size (each rank gets ``N / R`` tokens).
+      x: ``[N, H]`` tokens (flatten batch and sequence first); with a mesh,
+        ``N`` must be divisible by the EP size (each rank gets ``N / R``
+        tokens); with ``ep_axis`` and no mesh, this rank's tokens.
       expert_map: maps ``topk_idx [n, K]`` logical ids to physical slots in
         ``[0, P)`` (e.g. :func:`replicated_expert_map`); None: identity.
 
     Returns:
       ``(y [N, H] in the compute dtype, MoEStats)``.
     """
+    return self.apply(self.params(), x, expert_map=expert_map)
+
+  def apply(self, params: dict[str, jax.Array], x: jax.Array, *,
+            expert_map: Callable[[jax.Array], jax.Array] | None = None
+            ) -> tuple[jax.Array, MoEStats]:
+    """The layer as a function of explicit arrays (no module state read or written).
+
+    Args:
+      params: a dict like :meth:`params`. Inside an enclosing ``shard_map``
+        (``ep_axis`` without ``mesh``), this rank's local blocks: expert
+        weights ``[P/R, ...]`` (specs from :meth:`param_specs`), the rest whole.
+      x: as in :meth:`__call__`.
+      expert_map: as in :meth:`__call__`.
+
+    Returns:
+      ``(y, MoEStats)`` as in :meth:`__call__`; ``MoEStats`` are summed over
+      the EP ranks (identical on every rank).
+    """
     if x.ndim != 2 or x.shape[1] != self.hidden:
       raise ValueError(f"MoE: x must have shape [N, {self.hidden}], got {x.shape}")
-    router, bias = self.router[...], self.gate_bias[...]
-    experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
-    shared = ((self.shared_gate[...], self.shared_up[...], self.shared_down[...])
+    missing = sorted(set(self.params()) - set(params))
+    if missing:
+      raise ValueError(f"MoE.apply: params is missing {missing}")
+    router, bias = params["router"], params["gate_bias"]
+    experts = tuple(params[n] for n in _EXPERT_WEIGHTS)
+    shared = (tuple(params[n] for n in ("shared_gate", "shared_up", "shared_down"))
               if self.num_shared else ())
-    if self.mesh is None:
+    if self.ep_axis is None:
+      self._check_experts(experts, self.num_slots, "")
       return self._local(x, router, bias, experts, shared, expert_map)
+    if self.mesh is None:  # already inside a shard_map over the EP axes
+      try:
+        ranks = math.prod(dispatch_lib.axis_size(a) for a in _mesh_axes(self.ep_axis))
+      except NameError:
+        raise ValueError(f"MoE: ep_axis {self.ep_axis!r} without a mesh means the layer runs "
+                         "inside a shard_map over that axis, but it is not bound here") from None
+      if self.num_slots % ranks:
+        raise ValueError(f"MoE: num_slots={self.num_slots} must be divisible by the EP size "
+                         f"{ranks}")
+      self._check_experts(experts, self.num_slots // ranks, " (this rank's slots)")
+      return self._ep(x, router, bias, experts, shared, expert_map)
+    self._check_experts(experts, self.num_slots, "")
     axes = _mesh_axes(self.ep_axis)
     ranks = math.prod(self.mesh.shape[a] for a in axes)
     if x.shape[0] % ranks:
@@ -399,6 +487,14 @@ class MoE(nnx.Module):
             tuple(_to_spec(w, self.mesh, split) for w in experts),
             tuple(_to_spec(w, self.mesh, whole) for w in shared))
     return run(*args)
+
+  def _check_experts(self, experts, slots: int, where: str) -> None:
+    want = {"w_gate": (slots, self.intermediate, self.hidden),
+            "w_up": (slots, self.intermediate, self.hidden),
+            "w_down": (slots, self.hidden, self.intermediate)}
+    for name, w in zip(_EXPERT_WEIGHTS, experts):
+      if tuple(w.shape) != want[name]:
+        raise ValueError(f"MoE: {name} must have shape {want[name]}{where}, got {w.shape}")
 
   def update_bias(self, stats: MoEStats, rate: float = 1e-3) -> None:
     """Aux-loss-free balancing step from a call's ``tokens_per_expert``."""

@@ -151,77 +151,8 @@ def _probe_bwd(res, g):
 load_probe.defvjp(_probe_fwd, _probe_bwd)
 
 
-# --- MoE inside a caller's shard_map --------------------------------------------------------------
-
-
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
-
-
-def _local_counts(topk_idx: jax.Array, num_experts: int) -> jax.Array:
-  ids = jnp.where(topk_idx >= 0, topk_idx, num_experts).reshape(-1)
-  return jnp.bincount(ids, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-
-
-def moe_in_shard_map(layer: moe_lib.MoE, x: jax.Array, ep_axis: str
-                     ) -> tuple[jax.Array, moe_lib.MoEStats, jax.Array]:
-  """Runs ``layer`` on this rank's tokens inside the caller's ``shard_map``.
-
-  The expert-parallel body of ``jaxinfra.moe.MoE`` (normal mode, dropless
-  unless the layer has a ``capacity_factor``) without opening a
-  ``shard_map``: the pipeline executor's program already runs per device.
-
-  Args:
-    layer: an ``MoE`` built without a mesh, whose expert leaves
-      (``w_gate, w_up, w_down``) hold this rank's ``E / R`` experts
-      (``[E/R, ...]``); router, bias and shared experts are whole.
-    x: ``[n, H]`` this rank's tokens.
-    ep_axis: the EP mesh axis name (``R`` ranks, each a batch shard).
-
-  Returns:
-    ``(y [n, H], stats, local_counts [E])``: ``stats`` summed over
-    ``ep_axis``; ``local_counts`` are this rank's tokens per expert.
-  """
-  ranks = lax.axis_size(ep_axis)
-  experts = (layer.w_gate[...], layer.w_up[...], layer.w_down[...])
-  per_rank = experts[0].shape[0]
-  if per_rank * ranks != layer.num_experts:
-    raise ValueError(f"moe_in_shard_map: the expert leaves hold {per_rank} experts per rank, "
-                     f"expected num_experts={layer.num_experts} / {ranks} ranks of {ep_axis!r}")
-  logits = jnp.dot(x.astype(jnp.float32), layer.router[...].astype(jnp.float32))
-  topk_idx, weights = routing.route(
-      logits, bias=layer.gate_bias[...], top_k=layer.top_k, n_groups=layer.n_groups,
-      topk_groups=layer.topk_groups, routed_scaling_factor=layer.routed_scaling_factor,
-      score_func=layer.score_func)
-  h = x.astype(layer.dtype)
-  n = h.shape[0]
-  capacity = n
-  if layer.capacity_factor is not None:
-    capacity = max(1, min(n, int(np.ceil(layer.capacity_factor * n * layer.top_k / ranks))))
-  sent = moe_lib.dispatch(h, topk_idx, weights, axis_name=ep_axis, num_experts=layer.num_experts,
-                          capacity=capacity, fp8=layer.fp8, dequantize=layer.fp8,
-                          backend=layer.backend, impl=layer.impl)
-  copies = sent.recv_x.shape[0] * min(layer.top_k, per_rank)
-  rows = copies
-  if layer.capacity_factor is not None:
-    rows = max(1, min(copies, int(np.ceil(layer.capacity_factor * n * layer.top_k))))
-  routed = moe_lib.permute(sent.recv_x, sent.recv_topk_idx, per_rank, num_rows=rows,
-                           impl=layer.impl)
-  w_gate, w_up, w_down = experts
-  gate = moe_lib.grouped_linear(routed.rows, w_gate, routed.group_sizes)
-  up = moe_lib.grouped_linear(routed.rows, w_up, routed.group_sizes)
-  out = moe_lib.grouped_linear(_swiglu(gate, up), w_down, routed.group_sizes)
-  partial = moe_lib.unpermute(out, routed.row_id_map, sent.recv_topk_weights, impl=layer.impl)
-  y = moe_lib.combine(partial, sent.handle)
-  if layer.num_shared:
-    sg, su, sd = (w[...].astype(h.dtype) for w in (layer.shared_gate, layer.shared_up,
-                                                    layer.shared_down))
-    y = y + jnp.dot(_swiglu(h @ sg, h @ su), sd)
-  counts = _local_counts(topk_idx, layer.num_experts)
-  dropped = sent.num_dropped + routed.num_dropped
-  stats = moe_lib.MoEStats(lax.psum(counts, ep_axis), lax.psum(counts, ep_axis),
-                           lax.psum(dropped, ep_axis))
-  return y, stats, counts
 
 
 # --- blocks ---------------------------------------------------------------------------------------
@@ -246,9 +177,10 @@ class Block(nnx.Module):
     config: model sizes.
     moe: MoE layer (True) or dense SwiGLU MLP (False).
     rngs: parameter initialization.
-    mesh, ep_axis, moe_mode: passed to ``jaxinfra.moe.MoE`` (expert
-      parallelism through the layer's own ``shard_map``; ``moe_mode``
-      ``"low_latency"`` for decode). None: local experts.
+    mesh, ep_axis, moe_mode: passed to ``jaxinfra.moe.MoE``: expert
+      parallelism through the layer's own ``shard_map`` (mesh and ep_axis),
+      inside an enclosing ``shard_map`` (ep_axis only), or local (neither);
+      ``moe_mode="low_latency"`` for decode.
   """
 
   def __init__(self, config: Config, *, moe: bool, rngs: nnx.Rngs, mesh=None, ep_axis=None,
@@ -271,29 +203,33 @@ class Block(nnx.Module):
     else:
       self.ffn = MLP(c.dim, c.inter_dim, linear)
 
-  def ffn_forward(self, x: jax.Array, ep_axis: str | None = None
-                  ) -> tuple[jax.Array, moe_lib.MoEStats | None]:
+  def ffn_forward(self, x: jax.Array) -> tuple[jax.Array, moe_lib.MoEStats | None]:
     """``x [b, s, D]`` (already normed) -> ``(ffn(x), stats or None)``.
 
-    ``ep_axis``: run the MoE inside the caller's ``shard_map`` over that axis
-    (:func:`moe_in_shard_map`); None: the layer's own call.
+    The MoE output goes through :func:`load_probe` with the tokens per expert
+    that this call's gradient reductions should sum to the step's load: the
+    layer's counts, or, inside an enclosing ``shard_map`` over the EP axis
+    (``ep_axis`` without a mesh, where the counts are already summed over the
+    EP ranks and the batch is split over them), the counts divided by the EP
+    size, so the sum over the EP ranks is the count once (exact for powers
+    of two; :meth:`Parts.loads` rounds).
     """
     if not self.is_moe:
       return self.ffn(x), None
-    flat = x.reshape(-1, x.shape[-1])
-    if ep_axis is None:
-      y, stats = self.ffn(flat)
-      counts = stats.tokens_per_expert
-    else:
-      y, stats, counts = moe_in_shard_map(self.ffn, flat, ep_axis)
+    y, stats = self.ffn(x.reshape(-1, x.shape[-1]))
+    counts = stats.tokens_per_expert
+    if self.ffn.ep_axis is not None and self.ffn.mesh is None:
+      ranks = np.prod([lax.axis_size(a) for a in ((self.ffn.ep_axis,) if isinstance(
+          self.ffn.ep_axis, str) else self.ffn.ep_axis)])
+      counts = counts.astype(jnp.float32) / np.float32(ranks)
     y = load_probe(y, self.ffn.gate_bias[...], counts)
     return y.reshape(x.shape), stats
 
-  def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids=None,
-               ep_axis: str | None = None) -> tuple[jax.Array, moe_lib.MoEStats | None]:
+  def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids=None
+               ) -> tuple[jax.Array, moe_lib.MoEStats | None]:
     """``x [b, s, D]``, ``positions [b, s]`` -> ``(x [b, s, D], stats or None)``."""
     x = x + self.attn(self.attn_norm(x), positions, segment_ids=segment_ids).astype(x.dtype)
-    y, stats = self.ffn_forward(self.ffn_norm(x), ep_axis)
+    y, stats = self.ffn_forward(self.ffn_norm(x))
     return x + y.astype(x.dtype), stats
 
   def prefill(self, x, positions, cache, seq_ids, lengths):
@@ -430,7 +366,7 @@ class DeepSeekV3(nnx.Module):
     out, stats = self.mtp(h, self.embed(next_tokens).astype(h.dtype), positions)
     return self.head(out).astype(jnp.float32), jax.tree_util.tree_map(lambda a: a[None], stats)
 
-  def hidden(self, tokens: jax.Array, *, segment_ids=None, ep_axis=None
+  def hidden(self, tokens: jax.Array, *, segment_ids=None
              ) -> tuple[jax.Array, moe_lib.MoEStats]:
     """Embedding and all layers: ``tokens [B, S]`` -> ``(h [B, S, D], stacked stats)``."""
     tokens = self.check_tokens("hidden", tokens)
@@ -438,12 +374,12 @@ class DeepSeekV3(nnx.Module):
     x = self.embed(tokens)
     for block in self.dense_layers:
       x, _ = block(x, positions, segment_ids=segment_ids)
-    return self.run_moe_layers(x, positions, segment_ids=segment_ids, ep_axis=ep_axis)
+    return self.run_moe_layers(x, positions, segment_ids=segment_ids)
 
-  def run_moe_layers(self, x, positions, *, segment_ids=None, ep_axis=None):
+  def run_moe_layers(self, x, positions, *, segment_ids=None):
     """The stacked MoE layers over ``x [B, S, D]`` -> ``(x, stats [n_moe, ...])``."""
     def layer(block, x, _):
-      return block(x, positions, segment_ids=segment_ids, ep_axis=ep_axis)
+      return block(x, positions, segment_ids=segment_ids)
     return scan_blocks(self.moe_layers, x, layer, remat=self.config.remat)
 
   def __call__(self, tokens: jax.Array, next_tokens: jax.Array | None = None, *,
@@ -565,4 +501,44 @@ def build(config: Config | str, *, seed: int = 0, **kwargs) -> DeepSeekV3:
 
 __all__ = ["Block", "DeepSeekV3", "Fp8WeightLinear", "LossAux", "MLP", "MTP", "ModelOutput",
            "build", "cross_entropy", "default_positions", "heads_loss", "linear_factory",
-           "load_probe", "loss", "moe_in_shard_map", "scan_blocks", "stacked_blocks"]
+           "load_probe", "loss", "scan_blocks", "stacked_blocks"]
+
+
+class ParamCount(NamedTuple):
+  """Parameter counts of a config (``nnx.Param`` leaves; the routing biases excluded).
+
+  Attributes:
+    main: the main model (embedding, layers, final norm, output head).
+    mtp: the MTP module's own parameters (it shares embedding and head).
+    mtp_checkpoint: the MTP module as DeepSeek's checkpoint stores it, with
+      its copies of the embedding and the output head (layer ``n_layers``).
+    activated: main-model parameters one token uses (all but the routed
+      experts it is not sent to).
+  """
+  main: int
+  mtp: int
+  mtp_checkpoint: int
+  activated: int
+
+  @property
+  def total_checkpoint(self) -> int:
+    """``main + mtp_checkpoint``: the size of the Hugging Face checkpoint."""
+    return self.main + self.mtp_checkpoint
+
+
+def abstract_model(config: Config) -> DeepSeekV3:
+  """The model with ``jax.ShapeDtypeStruct`` leaves (``nnx.eval_shape``): no memory."""
+  return nnx.eval_shape(lambda: DeepSeekV3(config, rngs=nnx.Rngs(0)))
+
+
+def param_count(config: Config) -> ParamCount:
+  """Counts the parameters of ``config`` from the abstract model (:func:`abstract_model`)."""
+  model = abstract_model(config)
+  size = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+  params = lambda module: nnx.state(module, nnx.Param) if module is not None else {}
+  mtp = size(params(model.mtp))
+  main = size(params(model)) - mtp
+  shared = size(params(model.embed)) + size(params(model.head))
+  per_expert = 3 * config.dim * config.moe_inter_dim
+  idle = config.n_moe_layers * (config.n_routed_experts - config.n_activated_experts) * per_expert
+  return ParamCount(main, mtp, mtp + shared, main - idle)
