@@ -1,5 +1,5 @@
 """The ``jaxinfra`` command line: ``jaxinfra doctor``, ``jaxinfra bench NAME``,
-``jaxinfra eplb``."""
+``jaxinfra eplb``, ``jaxinfra profile-report TRACE``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   bench.add_argument("--json", default=None, help="also write the results to this JSON file")
   from jaxinfra.eplb import cli as eplb_cli  # pylint: disable=g-import-not-at-top
   eplb_cli.add_parser(commands)
+  from jaxinfra import profile  # pylint: disable=g-import-not-at-top
+  profile.add_parser(commands)
   args = parser.parse_args(argv)
   if args.command == "doctor":
     from jaxinfra import doctor as doctor_lib  # pylint: disable=g-import-not-at-top
@@ -37,5 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return bench_lib.main(args.name, size=args.size, iters=args.iters, json_path=args.json)
   if args.command == "eplb":
     return eplb_cli.run(args)
+  if args.command == "profile-report":
+    return profile.run(args)
   parser.error(f"unknown command {args.command}")
   return 2
