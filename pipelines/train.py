@@ -78,13 +78,13 @@ class TrainSettings:
   into ``num_chunks`` pipeline micro-batches.
   """
   config: str = "tiny"
-  steps: int = 300
-  global_batch: int = 32
-  seq_len: int = 128
+  steps: int = 60
+  global_batch: int = 16
+  seq_len: int = 64
   num_chunks: int = 4
   lr: float = 3e-3
   min_lr_ratio: float = 0.1
-  warmup: int = 20
+  warmup: int = 5
   weight_decay: float = 0.1
   b1: float = 0.9
   b2: float = 0.95
@@ -101,11 +101,12 @@ class TrainSettings:
   data_dir: str | None = None
   out: str = "runs/train"
   ckpt_dir: str | None = None
-  ckpt_every: int = 50
+  ckpt_every: int = 20
   keep: int = 2
   log_every: int = 1
   profile: bool = False
   progress: bool = True
+  compile_cache: str | None = ""  # "" = the default directory, None = off
 
   @property
   def checkpoint_dir(self) -> str:
@@ -281,101 +282,108 @@ def check_corpus(s: TrainSettings) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Model seam: the pipelined DeepSeek-V3 (models.deepseek_v3.pipeline)
+# The model: DeepSeek-V3 cut into pipeline stages (models.deepseek_v3.pipeline)
 
 
-@dataclasses.dataclass
-class ModelParts:
-  """What the training step needs from the model.
+def build_model(s: TrainSettings, config, mesh):
+  """Builds the model on the host (seeded; the same on every process), cuts it
+  into ``stages_for(schedule, pipe)`` stages with experts over ``expert``, and
+  places its parameters on the mesh: the routed experts' leaves sharded over
+  ``expert``, everything else replicated.
 
-  Attributes:
-    params: ``PipelineParams`` of global arrays (stage leaves ``[stages, ...]``).
-    stage_fn, embed_fn, loss_fn, stage_specs: for ``pipeline_step``.
-    is_bias: pytree like ``params`` of bools: the routers' selection biases,
-      updated from the step's loads, never by the optimizer.
-    finalize_grads: ``grads -> grads`` (e.g. sums the gradients of tied
-      embeddings); the identity when nothing is tied.
-    make_labels: ``tokens [B, L+1] -> labels pytree`` for ``loss_fn``.
+  Returns:
+    ``models.deepseek_v3.pipeline.Parts`` whose ``params`` are global arrays.
   """
-  params: Any
-  stage_fn: Callable
-  embed_fn: Callable | None
-  loss_fn: Callable
-  stage_specs: Any
-  is_bias: Any
-  finalize_grads: Callable[[Any], Any]
-  make_labels: Callable[[Any], Any]
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jaxinfra import pipeline  # pylint: disable=g-import-not-at-top
+  from models.deepseek_v3 import model as model_lib  # pylint: disable=g-import-not-at-top
+  from models.deepseek_v3 import pipeline as model_pipeline  # pylint: disable=g-import-not-at-top
+
+  num_stages = pipeline.stages_for(s.schedule, s.pipe)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    model = model_lib.DeepSeekV3(config, rngs=_rngs(s.seed))
+    parts = model_pipeline.pipeline_parts(model, num_stages, ep_axis="expert")
+  del model
+
+  def put(x, spec):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec),
+                                        lambda index: host[index])
+
+  stage_specs = jax.tree_util.tree_map(lambda spec: P(None, *spec), parts.stage_specs,
+                                       is_leaf=lambda x: isinstance(x, P))
+  params = pipeline.PipelineParams(
+      jax.tree_util.tree_map(put, parts.params.stages, stage_specs),
+      jax.tree_util.tree_map(lambda x: put(x, P()), parts.params.embed),
+      jax.tree_util.tree_map(lambda x: put(x, P()), parts.params.head))
+  return dataclasses.replace(parts, params=params)
 
 
-def build_model(s: TrainSettings, config, mesh) -> ModelParts:
-  """Builds the model on the host (seeded) and cuts it into pipeline stages."""
-  raise NotImplementedError  # filled in when models.deepseek_v3.pipeline lands
+def _rngs(seed: int):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.Rngs(seed)
 
 
-# ----------------------------------------------------------------------------
-# Optimizer and step
+def bias_labels(params) -> Any:
+  """``"bias"`` for the routers' ``gate_bias`` leaves, ``"train"`` otherwise."""
+  import jax  # pylint: disable=g-import-not-at-top
+  def label(path, _):
+    last = path[-1] if path else None
+    return "bias" if getattr(last, "key", None) == "gate_bias" else "train"
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(s: TrainSettings, is_bias):
-  """AdamW (warm-up + cosine) with global-norm clipping on the trainable leaves;
-  the router biases are left alone (``set_to_zero``)."""
+def make_optimizer(s: TrainSettings, params):
+  """AdamW (linear warm-up, cosine decay) on the trainable leaves; the router
+  biases are left to the aux-loss-free update (``set_to_zero``: no step, no
+  weight decay). Returns ``(optax transform, learning-rate schedule)``."""
   import optax  # pylint: disable=g-import-not-at-top
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=s.lr, warmup_steps=s.warmup, decay_steps=s.steps,
       end_value=s.lr * s.min_lr_ratio)
-  train = optax.chain(optax.clip_by_global_norm(s.clip),
-                      optax.adamw(schedule, b1=s.b1, b2=s.b2, weight_decay=s.weight_decay))
-  labels = _tree_map(lambda b: "bias" if b else "train", is_bias)
-  return optax.multi_transform({"train": train, "bias": optax.set_to_zero()}, labels), schedule
+  adamw = optax.adamw(schedule, b1=s.b1, b2=s.b2, weight_decay=s.weight_decay)
+  tx = optax.multi_transform({"train": adamw, "bias": optax.set_to_zero()}, bias_labels(params))
+  return tx, schedule
 
 
-def _tree_map(fn, *trees):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree_util.tree_map(fn, *trees)
+def make_train_step(s: TrainSettings, parts, mesh, tx, pad_id: int, gamma: float):
+  """``step(params, opt_state, tokens [B, L+1]) -> (params, opt_state, metrics)``,
+  jitted, donating the state.
 
-
-def make_train_step(s: TrainSettings, parts: ModelParts, mesh, tx, lr_schedule, gamma: float):
-  """``step(params, opt_state, tokens) -> (params, opt_state, metrics)``, jitted,
-  donating the state."""
+  One DualPipeV (``s.schedule``) step over ``pipe`` with the batch over
+  ``data x expert``; the tied embedding's gradient summed; global-norm
+  clipping (the table counted once, no biases); AdamW; then each MoE layer's
+  bias ``-= gamma * sign(load - mean load)`` from the step's loads. Targets
+  equal to ``pad_id`` (the dataset's last row) are masked out of the loss.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from jaxinfra import moe, pipeline  # pylint: disable=g-import-not-at-top
+  from jaxinfra import pipeline  # pylint: disable=g-import-not-at-top
 
   def step(params, opt_state, tokens):
+    targets = tokens[:, 1:]
+    labels = parts.labels(targets, (targets != pad_id).astype(jnp.float32))
     loss, grads = pipeline.pipeline_step(
-        parts.stage_fn, params, tokens[:, :-1], parts.make_labels(tokens), parts.loss_fn,
-        mesh=mesh, axis="pipe", schedule=s.schedule, num_chunks=s.num_chunks,
-        embed_fn=parts.embed_fn, batch_axes=BATCH_AXES, stage_specs=parts.stage_specs)
-    grads = parts.finalize_grads(grads)
+        parts.stage_fn, params, tokens[:, :-1], labels, parts.loss_fn, mesh=mesh, axis="pipe",
+        schedule=s.schedule, num_chunks=s.num_chunks, embed_fn=parts.embed_fn,
+        batch_axes=BATCH_AXES, stage_specs=parts.stage_specs)
     # Explicit-sharding meshes want the gradients laid out like the parameters.
-    grads = _tree_map(lambda g, p: jax.reshard(g, jax.typeof(p).sharding), grads, params)
-    trainable = jax.tree_util.tree_leaves(
-        _tree_map(lambda g, b: None if b else g, grads, parts.is_bias))
-    grad_norm = optax.global_norm(trainable)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    # The bias "gradient" is the step's per-expert token count (the load probe).
-    loads = [g for g, b in zip(jax.tree_util.tree_leaves(grads),
-                               jax.tree_util.tree_leaves(parts.is_bias)) if b]
-
-    def new_bias(p, g, b):
-      if not b:
-        return p
-      flat = g.reshape(-1, g.shape[-1])
-      bias = p.reshape(-1, p.shape[-1])
-      return jax.vmap(lambda x, l: moe.update_bias(x, l, gamma))(bias, flat).reshape(
-          p.shape).astype(p.dtype)
-
-    params = _tree_map(new_bias, params, grads, parts.is_bias)
-    metrics = {"loss": loss, "grad_norm": grad_norm}
-    if loads:
-      per_layer = jnp.concatenate([l.reshape(-1, l.shape[-1]) for l in loads]).astype(jnp.float32)
-      metrics["max_load_ratio"] = jnp.max(jnp.max(per_layer, -1) /
-                                          jnp.maximum(jnp.mean(per_layer, -1), 1e-9))
+    grads = jax.tree_util.tree_map(lambda g, p: jax.reshard(g, jax.typeof(p).sharding),
+                                   grads, params)
+    grads = parts.tie_grads(grads)
+    grad_norm = parts.global_norm(grads)
+    scale = jnp.minimum(1.0, s.clip / jnp.maximum(grad_norm, 1e-12))
+    clipped = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), grads)
+    updates, opt_state = tx.update(clipped, opt_state, params)
+    params = parts.update_bias(optax.apply_updates(params, updates), grads, gamma)
+    loads, _ = parts.loads(grads)
+    loads = loads.astype(jnp.float32)
+    imbalance = jnp.max(jnp.max(loads, -1) / jnp.maximum(jnp.mean(loads, -1), 1e-9))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "max_load_ratio": imbalance}
     return params, opt_state, metrics
 
-  del lr_schedule
   return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -529,6 +537,9 @@ def train(s: TrainSettings, log: Callable[[str], None] = print) -> dict[str, Any
   config = model_config(s)
   mesh = make_mesh(s)
   check_model_vs_mesh(s, config, mesh, None)
+  if s.compile_cache is not None:  # a rerun (a resume) skips the step's compilation
+    jax.config.update("jax_compilation_cache_dir", s.compile_cache or os.path.join(
+        os.environ.get("JAXINFRA_CACHE", DEFAULT_CACHE), "jax-compile"))
   with jax.set_mesh(mesh):
     return _train(s, config, mesh, profiler, started, log)
 
@@ -547,7 +558,7 @@ def _train(s: TrainSettings, config, mesh, profiler, started: float,
   loader = data.DataLoader(directory, mesh, s.global_batch, batch_axes=BATCH_AXES, seed=s.seed)
 
   parts = build_model(s, config, mesh)
-  tx, lr_schedule = make_optimizer(s, parts.is_bias)
+  tx, lr_schedule = make_optimizer(s, parts.params)
   params = parts.params
   opt_state = jax.jit(tx.init)(params)
   os.makedirs(s.out, exist_ok=True)
@@ -575,7 +586,8 @@ def _train(s: TrainSettings, config, mesh, profiler, started: float,
   if lead:
     _rewrite_metrics(metrics_path, records)
 
-  train_step = make_train_step(s, parts, mesh, tx, lr_schedule, config.bias_update_rate)
+  train_step = make_train_step(s, parts, mesh, tx, meta.tokenizer["pad_id"],
+                               config.bias_update_rate)
   tokens_per_step = s.global_batch * s.seq_len
   log(f"{s.config}: mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} "
       f"devices ({jax.process_count()} process(es)); {s.schedule}, {s.num_chunks} micro-batches;"
@@ -589,11 +601,13 @@ def _train(s: TrainSettings, config, mesh, profiler, started: float,
       task = bar.add_task("train", total=s.steps, completed=start, loss="-", tps="-")
       for step in range(start, s.steps):
         if profile_steps and step == profile_steps.start:
-          stack.enter_context(profiler.trace(os.path.join(s.out, "profile")))
+          stack.enter_context(profiler.capture(os.path.join(s.out, "profile")))
         batch = loader.batch(step)
         t0 = time.perf_counter()
-        params, opt_state, m = train_step(params, opt_state, batch["tokens"])
-        m = {k: float(v) for k, v in _global_to_host(m).items()}
+        with (jax.profiler.StepTraceAnnotation("train", step_num=step) if step in profile_steps
+              else contextlib.nullcontext()):
+          params, opt_state, m = train_step(params, opt_state, batch["tokens"])
+          m = {k: float(v) for k, v in _global_to_host(m).items()}
         dt = time.perf_counter() - t0
         if first_time is None:
           first_time = dt
@@ -695,6 +709,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[TrainSettings, argparse.Name
   p.add_argument("--profile", action="store_true",
                  help="capture a jax.profiler trace of two steps into OUT/profile")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--compile-cache", default="",
+                 help="JAX compilation cache directory ('none': off; default: under "
+                      "$JAXINFRA_CACHE or ~/.cache/jaxinfra)")
   p.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES") or 1)
   p.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
   p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -709,7 +726,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[TrainSettings, argparse.Name
       weight_decay=a.weight_decay, clip=a.clip, seed=a.seed, data=a.data, pipe=a.pipe,
       expert=a.expert, schedule=a.schedule, fp8=a.fp8, dtype=a.dtype, corpus=tuple(a.corpus),
       max_documents=a.max_documents, data_dir=a.data_dir, out=a.out, ckpt_dir=a.ckpt_dir,
-      ckpt_every=a.ckpt_every, keep=a.keep, profile=a.profile, progress=not a.no_progress)
+      ckpt_every=a.ckpt_every, keep=a.keep, profile=a.profile, progress=not a.no_progress,
+      compile_cache=None if a.compile_cache == "none" else a.compile_cache)
   return s, a
 
 
