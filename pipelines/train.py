@@ -395,6 +395,42 @@ def _ckpt_name(step: int) -> str:
   return f"{CKPT_PREFIX}{step:08d}"
 
 
+def _config_json(config) -> str:
+  return json.dumps(config.to_hf(), sort_keys=True)
+
+
+def checkpoint_tree(parts, params, opt_state, step: int, s: TrainSettings, config) -> dict:
+  """What a checkpoint holds.
+
+  * ``model``: the parameters in the model's layout
+    (``nnx.state(DeepSeekV3).to_pure_dict()``, MoE layers ``[n_moe_layers,
+    ...]``, router biases included), independent of the pipeline cut: serving
+    restores it into a ``DeepSeekV3`` with ``nnx.update``;
+  * ``opt_state``: optax's state, shaped like the pipelined parameters;
+  * ``step`` (steps done, = the data loader's next batch), ``seed``;
+  * ``config``: the architecture as DeepSeek's ``config.json`` (JSON text).
+  """
+  return {"model": parts.to_pure(params), "opt_state": opt_state, "step": int(step),
+          "seed": int(s.seed), "config": _config_json(config)}
+
+
+def from_pure(parts, pure: dict):
+  """The inverse of ``parts.to_pure``: the model's pure dict back to the
+  pipelined :class:`~jaxinfra.pipeline.PipelineParams` (MoE layers
+  ``[num_stages, layers_per_stage, ...]``, the tied embedding in ``embed`` and,
+  with MTP, ``head``)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxinfra import pipeline  # pylint: disable=g-import-not-at-top
+  f = parts.functions
+  stages = jax.tree_util.tree_map(
+      lambda a: a.reshape((f.num_stages, f.layers_per_stage) + a.shape[1:]), pure["moe_layers"])
+  embed = {"embed": pure["embed"], "dense_layers": pure["dense_layers"]}
+  head = {"norm": pure["norm"], "head": pure["head"]}
+  if "mtp" in pure:
+    head.update(mtp=pure["mtp"], embed=pure["embed"])
+  return pipeline.PipelineParams(stages, embed, head)
+
+
 def latest_checkpoint(ckpt_dir: str) -> tuple[int, str] | None:
   """``(steps_done, path)`` of the newest committed checkpoint, or ``None``."""
   from jaxinfra import checkpoint  # pylint: disable=g-import-not-at-top
@@ -482,7 +518,7 @@ def plot_loss(records: list[dict[str, Any]], path: str, title: str) -> None:
     smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
     ax.plot(steps[w - 1:], smooth, color="tab:blue", lw=2, label=f"loss ({w}-step mean)")
   ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_ylabel("loss (next-token CE + weighted MTP CE, nats)")
   ax.grid(alpha=0.3)
   ax.set_title(title)
   lr = ax.twinx()
@@ -576,11 +612,14 @@ def _train(s: TrainSettings, config, mesh, profiler, started: float,
   found = latest_checkpoint(s.checkpoint_dir)
   if found is not None:
     start, path = found
-    target = {"params": params, "opt_state": opt_state, "step": 0, "seed": 0}
-    restored = ckpt.restore(path, target)
-    if restored["seed"] != s.seed:
-      raise UsageError(f"{path} was written with --seed {restored['seed']}, not {s.seed}")
-    params, opt_state = restored["params"], restored["opt_state"]
+    restored = ckpt.restore(path, checkpoint_tree(parts, params, opt_state, 0, s, config))
+    if restored["seed"] != s.seed or restored["config"] != _config_json(config):
+      raise UsageError(f"{path} was written by another run (seed {restored['seed']}, model "
+                       f"{restored['config']}); expected seed {s.seed}, model "
+                       f"{_config_json(config)}")
+    params = jax.tree_util.tree_map(lambda x, p: jax.reshard(x, p.sharding),
+                                    from_pure(parts, restored["model"]), params)
+    opt_state = restored["opt_state"]
     log(f"resumed from {path} (step {start})")
   records = [r for r in _read_metrics(metrics_path) if r["step"] < start] if start else []
   if lead:
@@ -626,8 +665,7 @@ def _train(s: TrainSettings, config, mesh, profiler, started: float,
         if done % s.ckpt_every == 0 or done == s.steps:
           name = _ckpt_name(done)
           ckpt.save_async(os.path.join(s.checkpoint_dir, name),
-                          {"params": params, "opt_state": opt_state, "step": done,
-                           "seed": s.seed})
+                          checkpoint_tree(parts, params, opt_state, done, s, config))
           if lead:  # the previous save is committed once save_async returns
             _prune(s.checkpoint_dir, s.keep, protect=name)
             if records:
