@@ -103,7 +103,6 @@ class TrainSettings:
   ckpt_dir: str | None = None
   ckpt_every: int = 20
   keep: int = 2
-  log_every: int = 1
   profile: bool = False
   progress: bool = True
   compile_cache: str | None = ""  # "" = the default directory, None = off
@@ -149,7 +148,7 @@ def check_settings(s: TrainSettings) -> None:
     UsageError: naming the bad setting.
   """
   positive = ("steps", "global_batch", "seq_len", "num_chunks", "data", "pipe", "expert",
-              "ckpt_every", "keep", "log_every")
+              "ckpt_every", "keep")
   bad = {k: getattr(s, k) for k in positive if getattr(s, k) < 1}
   if bad:
     raise UsageError(f"these settings must be positive: {bad}")
@@ -259,8 +258,11 @@ def prepare_data(s: TrainSettings) -> str:
   from pipelines import data  # pylint: disable=g-import-not-at-top
   directory = s.dataset_dir
   if jax.process_index() == 0:
-    data.preprocess(list(s.corpus) or None, directory, seq_len=s.seq_len + 1,
-                    max_documents=s.max_documents, progress=s.progress)
+    try:
+      data.preprocess(list(s.corpus) or None, directory, seq_len=s.seq_len + 1,
+                      max_documents=s.max_documents, progress=s.progress)
+    except (FileNotFoundError, ValueError) as e:
+      raise UsageError(f"preparing the dataset {directory}: {e}") from None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("jaxinfra-train-data")

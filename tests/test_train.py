@@ -223,3 +223,34 @@ def test_checkpoint_layout_round_trip():
   back = train.from_pure(parts, pure)
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(parts.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, parts.params)
+
+
+def test_latest_checkpoint_and_pruning_keep_the_last_committed(tmp_path):
+  """Only committed checkpoints count; an interrupted save's leftovers never do,
+  and pruning never removes the newest committed ones."""
+  from jaxinfra import checkpoint  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path)
+  assert train.latest_checkpoint(root) is None
+  for step in (4, 8, 12):
+    checkpoint.save(os.path.join(root, train._ckpt_name(step)), {"x": np.full(3, step), "step": step})  # pylint: disable=protected-access
+  # A save killed before its commit: data written, no marker.
+  os.makedirs(os.path.join(root, train._ckpt_name(16)))  # pylint: disable=protected-access
+  with open(os.path.join(root, train._ckpt_name(16), "data.p0.f0"), "wb") as f:  # pylint: disable=protected-access
+    f.write(b"partial")
+  assert train.latest_checkpoint(root) == (12, os.path.join(root, "step_00000012"))
+  train._prune(root, keep=2, protect="")  # pylint: disable=protected-access
+  assert checkpoint.committed(root) == ["step_00000008", "step_00000012"]
+  train._prune(root, keep=1, protect="step_00000008")  # pylint: disable=protected-access
+  assert checkpoint.committed(root) == ["step_00000008", "step_00000012"]
+  train._prune(root, keep=1, protect="")  # pylint: disable=protected-access
+  assert checkpoint.committed(root) == ["step_00000012"]
+  restored = checkpoint.restore(os.path.join(root, "step_00000012"))
+  assert restored["step"] == 12 and list(np.asarray(restored["x"])) == [12, 12, 12]
+
+
+def test_plot_loss(tmp_path):
+  records = [{"step": i, "loss": 8.0 * 0.97 ** i, "lr": 1e-3 * min(1, i / 5)} for i in range(40)]
+  path = str(tmp_path / "loss.png")
+  train.plot_loss(records, path, "test")
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
