@@ -410,10 +410,11 @@ def checkpoint_tree(parts, params, opt_state, step: int, s: TrainSettings, confi
     restores it into a ``DeepSeekV3`` with ``nnx.update``;
   * ``opt_state``: optax's state, shaped like the pipelined parameters;
   * ``step`` (steps done, = the data loader's next batch), ``seed``;
-  * ``config``: the architecture as DeepSeek's ``config.json`` (JSON text).
+  * ``config``: the config's name (``--config``), ``architecture``: the
+    architecture as DeepSeek's ``config.json`` (JSON text).
   """
   return {"model": parts.to_pure(params), "opt_state": opt_state, "step": int(step),
-          "seed": int(s.seed), "config": _config_json(config)}
+          "seed": int(s.seed), "config": s.config, "architecture": _config_json(config)}
 
 
 def from_pure(parts, pure: dict):
@@ -615,9 +616,9 @@ def _train(s: TrainSettings, config, mesh, profiler, started: float,
   if found is not None:
     start, path = found
     restored = ckpt.restore(path, checkpoint_tree(parts, params, opt_state, 0, s, config))
-    if restored["seed"] != s.seed or restored["config"] != _config_json(config):
+    if restored["seed"] != s.seed or restored["architecture"] != _config_json(config):
       raise UsageError(f"{path} was written by another run (seed {restored['seed']}, model "
-                       f"{restored['config']}); expected seed {s.seed}, model "
+                       f"{restored['architecture']}); expected seed {s.seed}, model "
                        f"{_config_json(config)}")
     params = jax.tree_util.tree_map(lambda x, p: jax.reshard(x, p.sharding),
                                     from_pure(parts, restored["model"]), params)

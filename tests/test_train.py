@@ -209,18 +209,30 @@ def test_two_processes_four_devices_match_one_process(cache, uninterrupted, tmp_
   assert _checkpoint_steps(out / "checkpoints") == [8, 12]
 
 
-def test_checkpoint_layout_round_trip():
-  """Checkpoints hold the model's own layout; from_pure inverts to_pure exactly."""
-  from models.deepseek_v3 import config as cfg_lib, model as model_lib  # pylint: disable=g-import-not-at-top
-  from models.deepseek_v3 import pipeline as model_pipeline  # pylint: disable=g-import-not-at-top
+@pytest.mark.slow
+def test_checkpoint_layout_round_trip(tmp_path):
+  """Checkpoints hold the model's own layout (what serving restores into a
+  DeepSeekV3); from_pure inverts to_pure exactly, through a save and restore."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  model = model_lib.DeepSeekV3(cfg_lib.TINY, rngs=nnx.Rngs(3))
-  parts = model_pipeline.pipeline_parts(model, 4, ep_axis="expert")
-  pure = parts.to_pure(parts.params)
-  expected = nnx.state(model).to_pure_dict()
-  assert jax.tree_util.tree_structure(pure) == jax.tree_util.tree_structure(expected)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, pure, expected)
-  back = train.from_pure(parts, pure)
+  from jaxinfra import checkpoint  # pylint: disable=g-import-not-at-top
+  from models.deepseek_v3 import model as model_lib  # pylint: disable=g-import-not-at-top
+  s = train.TrainSettings()
+  config = train.model_config(s)
+  mesh = train.make_mesh(s)
+  with jax.set_mesh(mesh):
+    parts = train.build_model(s, config, mesh)
+    tx, _ = train.make_optimizer(s, parts.params)
+    opt_state = jax.jit(tx.init)(parts.params)
+    tree = train.checkpoint_tree(parts, parts.params, opt_state, 7, s, config)
+    expected = nnx.to_pure_dict(nnx.state(model_lib.DeepSeekV3(config, rngs=nnx.Rngs(s.seed))))
+    assert jax.tree_util.tree_structure(tree["model"]) == jax.tree_util.tree_structure(expected)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, tree["model"], expected)
+    path = str(tmp_path / train._ckpt_name(7))  # pylint: disable=protected-access
+    checkpoint.save(path, tree)
+    restored = checkpoint.restore(path, train.checkpoint_tree(parts, parts.params, opt_state, 0,
+                                                              s, config))
+    assert (restored["step"], restored["config"]) == (7, "tiny")
+    back = train.from_pure(parts, restored["model"])
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(parts.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, parts.params)
 
