@@ -322,6 +322,8 @@ def load_config(directory: str | os.PathLike, **run_settings) -> Config:
   """``Config.from_hf`` of the checkpoint's ``config.json`` (``run_settings``:
   dtype, param_dtype, linear, ...)."""
   path = os.path.join(os.fspath(directory), "config.json")
+  if not os.path.isdir(os.fspath(directory)):
+    raise ValueError(f"checkpoint directory {os.fspath(directory)!r} does not exist")
   if not os.path.exists(path):
     raise ValueError(f"checkpoint directory {os.fspath(directory)!r} has no config.json")
   with open(path) as f:
@@ -360,7 +362,7 @@ def _set(tree: dict, path: Iterable, value) -> None:
 
 def load_state(directory: str | os.PathLike, config: Config,
                reader: CheckpointReader | None = None) -> dict:
-  """The model's pure state dict (``nnx.State.to_pure_dict`` layout) from a checkpoint.
+  """The model's pure state dict (``nnx.to_pure_dict`` layout) from a checkpoint.
 
   Validates first (:func:`validate`); floats in ``config.param_dtype``
   (``Fp8WeightLinear`` leaves stay e4m3 + float32 scales).
@@ -435,7 +437,7 @@ def load(directory: str | os.PathLike, config: Config | None = None,
   reader = CheckpointReader(directory)
   validate(reader, config)
   graphdef, abstract = nnx.split(model_lib.abstract_model(config))
-  want = abstract.to_pure_dict()
+  want = nnx.to_pure_dict(abstract)
   pure = load_state(directory, config, reader)
   flat_want = dict(traverse_util.flatten_dict(want))
   flat_got = dict(traverse_util.flatten_dict(pure))

@@ -216,7 +216,15 @@ class Block(nnx.Module):
     """
     if not self.is_moe:
       return self.ffn(x), None
-    y, stats = self.ffn(x.reshape(-1, x.shape[-1]))
+    flat = x.reshape(-1, x.shape[-1])
+    y, stats = self.ffn(flat)
+    mesh = self.ffn.mesh
+    if mesh is not None and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      # The layer returns the tokens split over EP: back to the input's layout.
+      want = jax.typeof(flat).sharding
+      if not want.mesh.axis_names:
+        want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      y = jax.reshard(y, want)
     counts = stats.tokens_per_expert
     if self.ffn.ep_axis is not None and self.ffn.mesh is None:
       ranks = np.prod([lax.axis_size(a) for a in ((self.ffn.ep_axis,) if isinstance(

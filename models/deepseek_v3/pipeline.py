@@ -11,11 +11,12 @@ the executor's pieces::
         stage_specs=parts.stage_specs)
     grads = parts.tie_grads(grads)                     # tied embedding: sum both copies
     loads, mtp_loads = parts.loads(grads)              # tokens per expert of the step
-    updates, opt_state = tx.update(parts.trainable(grads), opt_state, params)  # any optax
+    # tx = optax.masked(optax.adamw(...), parts.trainable_mask(parts.params)): biases untouched
+    updates, opt_state = tx.update(parts.trainable(grads), opt_state, params)
     params = parts.update_bias(optax.apply_updates(params, updates), grads)
 
 Every piece is a pure function of pytrees of arrays (pure dicts of the
-model's ``nnx.State``, see ``nnx.State.to_pure_dict``):
+model's ``nnx.State``, see ``nnx.to_pure_dict``):
 
 * ``params.embed`` = ``{"embed": token embedding, "dense_layers": the
   first n_dense_layers blocks}``; ``embed_fn(embed, tokens [mb, S]) -> x
@@ -56,8 +57,9 @@ so the gradient of each ``gate_bias`` leaf is that layer's tokens per expert,
 summed by the executor over micro-batches and batch shards (each EP rank
 reports its own tokens' counts). :meth:`Parts.loads` reads them;
 :meth:`Parts.update_bias` applies the aux-loss-free step; the optimizer must
-skip these leaves (:meth:`Parts.trainable` zeroes their gradients, and
-:meth:`Parts.update_bias` rewrites them from the loads after the update).
+skip these leaves (:meth:`Parts.trainable_mask` for ``optax.masked``;
+:meth:`Parts.trainable` zeroes their gradients) and :meth:`Parts.update_bias`
+applies the step from the loads after the optimizer update.
 
 Back to the model: :meth:`Parts.to_pure` / :meth:`Parts.to_model` for
 parameters, :meth:`Parts.grads_to_pure` for gradients (tied table summed,
@@ -179,6 +181,12 @@ class PipelineFunctions:
     """``grads`` with the ``gate_bias`` leaves zeroed (they are not optimized)."""
     return _map_named(lambda n, g: jnp.zeros_like(g) if _is_bias(n) else g, grads)
 
+  def trainable_mask(self, params: PipelineParams) -> PipelineParams:
+    """``True`` for optimized leaves, ``False`` for the ``gate_bias`` leaves
+    (e.g. ``optax.masked(optax.adamw(...), mask)``, so weight decay never
+    touches the biases)."""
+    return _map_named(lambda n, _: not _is_bias(n), params)
+
   def global_norm(self, grads: PipelineParams) -> jax.Array:
     """L2 norm of the model's gradient: the tied table once, no biases."""
     head = {k: v for k, v in grads.head.items() if k != "embed"}
@@ -207,7 +215,7 @@ class PipelineFunctions:
   # -- back to the model ------------------------------------------------------------------------
 
   def to_pure(self, params: PipelineParams) -> dict:
-    """The model's pure state dict (``nnx.State.to_pure_dict`` layout) from ``params``."""
+    """The model's pure state dict (``nnx.to_pure_dict`` layout) from ``params``."""
     n_moe = self.num_stages * self.layers_per_stage
     pure = {"embed": params.embed["embed"], "dense_layers": params.embed["dense_layers"],
             "moe_layers": jax.tree_util.tree_map(
@@ -235,7 +243,7 @@ class Parts:
     params: :class:`jaxinfra.pipeline.PipelineParams` (pure dicts of arrays).
     functions: :class:`PipelineFunctions`; its attributes and methods
       (``stage_fn``, ``embed_fn``, ``loss_fn``, ``stage_specs``, ``labels``,
-      ``tie_grads``, ``loads``, ``trainable``, ``global_norm``,
+      ``tie_grads``, ``loads``, ``trainable``, ``trainable_mask``, ``global_norm``,
       ``update_bias``, ``to_pure``, ``to_model``, ``grads_to_pure``, ...)
       are also reachable as ``parts.<name>``.
   """
@@ -284,7 +292,7 @@ def pipeline_parts(model: model_lib.DeepSeekV3, num_stages: int, *,
     raise ValueError(f"pipeline_parts: ep_axis must be one mesh axis name, got {ep_axis!r}")
   lps = n_moe // num_stages
   graphdef, state = nnx.split(model)
-  pure = state.to_pure_dict()
+  pure = nnx.to_pure_dict(state)
   graphdefs = {"model": graphdef}
   for name in ("embed", "dense_layers", "moe_layers", "norm", "head", "mtp"):
     sub = getattr(model, name)
