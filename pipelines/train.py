@@ -96,6 +96,7 @@ class TrainSettings:
   schedule: str = "dualpipev"
   fp8: bool = False
   dtype: str | None = None
+  bias_update_rate: float | None = None  # None: the config's gamma
   corpus: tuple[str, ...] = ()
   max_documents: int | None = None
   data_dir: str | None = None
@@ -130,7 +131,7 @@ class TrainSettings:
     the state's shapes or the trajectory)."""
     keys = ("config", "steps", "global_batch", "seq_len", "num_chunks", "lr", "min_lr_ratio",
             "warmup", "weight_decay", "b1", "b2", "clip", "seed", "schedule", "fp8", "dtype",
-            "max_documents")
+            "max_documents", "bias_update_rate")
     out = {k: getattr(self, k) for k in keys}
     out["pipe"] = self.pipe
     return out
@@ -157,6 +158,8 @@ def check_settings(s: TrainSettings) -> None:
   if s.lr <= 0 or not 0 <= s.min_lr_ratio <= 1:
     raise UsageError(f"--lr must be positive and --min-lr-ratio in [0, 1], got {s.lr}, "
                      f"{s.min_lr_ratio}")
+  if s.bias_update_rate is not None and s.bias_update_rate < 0:
+    raise UsageError(f"--bias-update-rate must be >= 0, got {s.bias_update_rate}")
   if s.clip <= 0:
     raise UsageError(f"--clip must be positive, got {s.clip}")
   if s.dtype not in (None, "float32", "bfloat16"):
@@ -217,6 +220,8 @@ def model_config(s: TrainSettings):
     changes.update(linear="fp8")
   if s.dtype:
     changes.update(dtype=s.dtype)
+  if s.bias_update_rate is not None:
+    changes.update(bias_update_rate=s.bias_update_rate)
   try:
     return cfg_lib.get_config(s.config, **changes)
   except ValueError as e:
@@ -736,6 +741,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[TrainSettings, argparse.Name
   p.add_argument("--fp8", action="store_true", help="FP8 GEMMs (jaxinfra.gemm.Fp8Dense)")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="compute dtype (default: the config's)")
+  p.add_argument("--bias-update-rate", type=float, default=None,
+                 help="gamma of the aux-loss-free bias update (default: the config's, 0.001)")
   p.add_argument("--corpus", nargs="*", default=[],
                  help="text/parquet files, directories or globs (default: Python's stdlib)")
   p.add_argument("--max-documents", type=int, default=None,
@@ -765,7 +772,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[TrainSettings, argparse.Name
       config=a.config, steps=a.steps, global_batch=a.global_batch, seq_len=a.seq_len,
       num_chunks=a.num_chunks, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup,
       weight_decay=a.weight_decay, clip=a.clip, seed=a.seed, data=a.data, pipe=a.pipe,
-      expert=a.expert, schedule=a.schedule, fp8=a.fp8, dtype=a.dtype, corpus=tuple(a.corpus),
+      expert=a.expert, schedule=a.schedule, fp8=a.fp8, dtype=a.dtype,
+      bias_update_rate=a.bias_update_rate, corpus=tuple(a.corpus),
       max_documents=a.max_documents, data_dir=a.data_dir, out=a.out, ckpt_dir=a.ckpt_dir,
       ckpt_every=a.ckpt_every, keep=a.keep, profile=a.profile, progress=not a.no_progress,
       compile_cache=None if a.compile_cache == "none" else a.compile_cache)

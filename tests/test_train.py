@@ -114,8 +114,11 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, capsys):
 
 
 def test_settings_identity_round_trip():
-  s, _ = train.parse_args(["--config", "tiny", "--steps", "7", "--fp8"])
+  s, _ = train.parse_args(["--config", "tiny", "--steps", "7", "--fp8", "--bias-update-rate",
+                           "0.01"])
   assert s.steps == 7 and s.fp8 and train.model_config(s).linear == "fp8"
+  assert train.model_config(s).bias_update_rate == 0.01
+  assert train.model_config(train.parse_args([])[0]).bias_update_rate == 1e-3
   assert json.loads(json.dumps(s.run_identity())) == s.run_identity()
 
 
