@@ -57,45 +57,22 @@ ffi::Error KGroupedFp8GemmCpu(ffi::AnyBuffer a, ffi::AnyBuffer sfa, ffi::AnyBuff
 
 namespace ffi = ::xla::ffi;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_fp8_gemm_cpu, jaxinfra::ffi_gemm::Fp8GemmCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()          // a
-                                  .Arg<ffi::AnyBuffer>()          // sfa
-                                  .Arg<ffi::AnyBuffer>()          // b
-                                  .Arg<ffi::AnyBuffer>()          // sfb
-                                  .OptionalArg<ffi::AnyBuffer>()  // c (aliased with d)
-                                  .Ret<ffi::AnyBuffer>()          // d
-                                  .Attr<bool>("b_per_token"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_fp8_gemm_cpu, jaxinfra::ffi_gemm::Fp8GemmCpu,
+    jaxinfra::ffi_gemm::fp8_gemm_signature(
+        ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_masked_cpu,
-                              jaxinfra::ffi_gemm::GroupedFp8GemmMaskedCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // sfa
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // sfb
-                                  .Arg<ffi::AnyBuffer>()  // masked_m
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_grouped_fp8_gemm_masked_cpu, jaxinfra::ffi_gemm::GroupedFp8GemmMaskedCpu,
+    jaxinfra::ffi_gemm::grouped_fp8_gemm_masked_signature(
+        ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_contiguous_cpu,
-                              jaxinfra::ffi_gemm::GroupedFp8GemmContiguousCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // sfa
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // sfb
-                                  .Arg<ffi::AnyBuffer>()  // m_indices or group_ends
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<bool>("psum")
-                                  .Attr<int64_t>("alignment"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_grouped_fp8_gemm_contiguous_cpu, jaxinfra::ffi_gemm::GroupedFp8GemmContiguousCpu,
+    jaxinfra::ffi_gemm::grouped_fp8_gemm_contiguous_signature(
+        ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_k_grouped_fp8_gemm_cpu,
-                              jaxinfra::ffi_gemm::KGroupedFp8GemmCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()          // a
-                                  .Arg<ffi::AnyBuffer>()          // sfa
-                                  .Arg<ffi::AnyBuffer>()          // b
-                                  .Arg<ffi::AnyBuffer>()          // sfb
-                                  .Arg<ffi::AnyBuffer>()          // group_k
-                                  .OptionalArg<ffi::AnyBuffer>()  // c (aliased with d)
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_k_grouped_fp8_gemm_cpu, jaxinfra::ffi_gemm::KGroupedFp8GemmCpu,
+    jaxinfra::ffi_gemm::k_grouped_fp8_gemm_signature(
+        ffi::Ffi::Bind()));

@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ffi/quant_args.h"
@@ -198,6 +199,54 @@ inline ffi::Error k_grouped_args(const ffi::AnyBuffer& a, const ffi::AnyBuffer& 
         check("c", *c, ffi::DataType::F32, p->batch, {p->groups, p->m, p->n}));
   }
   return check("d", d, ffi::DataType::F32, p->batch, {p->groups, p->m, p->n});
+}
+
+
+// The operands, results and attributes of each GEMM target, shared by its CPU binding
+// (from ffi::Ffi::Bind()) and its CUDA binding (from Bind().Ctx<PlatformStream<...>>()).
+
+template <typename Binding>
+auto fp8_gemm_signature(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // a
+      .template Arg<ffi::AnyBuffer>()  // sfa
+      .template Arg<ffi::AnyBuffer>()  // b
+      .template Arg<ffi::AnyBuffer>()  // sfb
+      .template OptionalArg<ffi::AnyBuffer>()  // c (aliased with d)
+      .template Ret<ffi::AnyBuffer>()  // d
+      .template Attr<bool>("b_per_token");
+}
+
+template <typename Binding>
+auto grouped_fp8_gemm_masked_signature(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // a
+      .template Arg<ffi::AnyBuffer>()  // sfa
+      .template Arg<ffi::AnyBuffer>()  // b
+      .template Arg<ffi::AnyBuffer>()  // sfb
+      .template Arg<ffi::AnyBuffer>()  // masked_m
+      .template Ret<ffi::AnyBuffer>();  // d
+}
+
+template <typename Binding>
+auto grouped_fp8_gemm_contiguous_signature(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // a
+      .template Arg<ffi::AnyBuffer>()  // sfa
+      .template Arg<ffi::AnyBuffer>()  // b
+      .template Arg<ffi::AnyBuffer>()  // sfb
+      .template Arg<ffi::AnyBuffer>()  // m_indices or group_ends
+      .template Ret<ffi::AnyBuffer>()  // d
+      .template Attr<bool>("psum")
+      .template Attr<int64_t>("alignment");
+}
+
+template <typename Binding>
+auto k_grouped_fp8_gemm_signature(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // a
+      .template Arg<ffi::AnyBuffer>()  // sfa
+      .template Arg<ffi::AnyBuffer>()  // b
+      .template Arg<ffi::AnyBuffer>()  // sfb
+      .template Arg<ffi::AnyBuffer>()  // group_k
+      .template OptionalArg<ffi::AnyBuffer>()  // c (aliased with d)
+      .template Ret<ffi::AnyBuffer>();  // d
 }
 
 }  // namespace ffi_gemm

@@ -122,53 +122,26 @@ ffi::Error KGroupedFp8GemmCuda(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBu
 
 namespace ffi = ::xla::ffi;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_fp8_gemm_cuda, jaxinfra::ffi_gemm::Fp8GemmCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // a
-                                  .Arg<ffi::AnyBuffer>()          // sfa
-                                  .Arg<ffi::AnyBuffer>()          // b
-                                  .Arg<ffi::AnyBuffer>()          // sfb
-                                  .OptionalArg<ffi::AnyBuffer>()  // c (aliased with d)
-                                  .Ret<ffi::AnyBuffer>()          // d
-                                  .Attr<bool>("b_per_token"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_fp8_gemm_cuda, jaxinfra::ffi_gemm::Fp8GemmCuda,
+    jaxinfra::ffi_gemm::fp8_gemm_signature(
+        ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_masked_cuda,
-                              jaxinfra::ffi_gemm::GroupedFp8GemmMaskedCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // sfa
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // sfb
-                                  .Arg<ffi::AnyBuffer>()  // masked_m
-                                  .Ret<ffi::AnyBuffer>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_grouped_fp8_gemm_masked_cuda, jaxinfra::ffi_gemm::GroupedFp8GemmMaskedCuda,
+    jaxinfra::ffi_gemm::grouped_fp8_gemm_masked_signature(
+        ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_grouped_fp8_gemm_contiguous_cuda,
-                              jaxinfra::ffi_gemm::GroupedFp8GemmContiguousCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // sfa
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // sfb
-                                  .Arg<ffi::AnyBuffer>()  // m_indices or group_ends
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<bool>("psum")
-                                  .Attr<int64_t>("alignment"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_grouped_fp8_gemm_contiguous_cuda, jaxinfra::ffi_gemm::GroupedFp8GemmContiguousCuda,
+    jaxinfra::ffi_gemm::grouped_fp8_gemm_contiguous_signature(
+        ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_k_grouped_fp8_gemm_cuda,
-                              jaxinfra::ffi_gemm::KGroupedFp8GemmCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // a
-                                  .Arg<ffi::AnyBuffer>()          // sfa
-                                  .Arg<ffi::AnyBuffer>()          // b
-                                  .Arg<ffi::AnyBuffer>()          // sfb
-                                  .Arg<ffi::AnyBuffer>()          // group_k
-                                  .OptionalArg<ffi::AnyBuffer>()  // c (aliased with d)
-                                  .Ret<ffi::AnyBuffer>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_k_grouped_fp8_gemm_cuda, jaxinfra::ffi_gemm::KGroupedFp8GemmCuda,
+    jaxinfra::ffi_gemm::k_grouped_fp8_gemm_signature(
+        ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});

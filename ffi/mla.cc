@@ -70,17 +70,7 @@ ffi::Error MlaDecodeCpu(ffi::AnyBuffer q, ffi::AnyBuffer kv_cache, ffi::AnyBuffe
 }  // namespace ffi_mla
 }  // namespace jaxinfra
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_mla_decode_cpu, jaxinfra::ffi_mla::MlaDecodeCpu,
-                              ::xla::ffi::Ffi::Bind()
-                                  .Arg<::xla::ffi::AnyBuffer>()
-                                  .Arg<::xla::ffi::AnyBuffer>()
-                                  .Arg<::xla::ffi::AnyBuffer>()
-                                  .Arg<::xla::ffi::AnyBuffer>()
-                                  .Arg<::xla::ffi::AnyBuffer>()
-                                  .Arg<::xla::ffi::AnyBuffer>()
-                                  .Ret<::xla::ffi::AnyBuffer>()
-                                  .Ret<::xla::ffi::AnyBuffer>()
-                                  .Ret<::xla::ffi::AnyBuffer>()
-                                  .Ret<::xla::ffi::AnyBuffer>()
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<bool>("causal"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_mla_decode_cpu, jaxinfra::ffi_mla::MlaDecodeCpu,
+    jaxinfra::ffi_mla::mla_decode_signature(
+        ::xla::ffi::Ffi::Bind()));

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "ffi/quant_args.h"
 #include "mla/mla.h"
@@ -153,6 +154,25 @@ inline ffi::Error decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& kv_
   buffers->o_accum = static_cast<float*>(o_accum.untyped_data());
   buffers->lse_accum = static_cast<float*>(lse_accum.untyped_data());
   return ffi::Error::Success();
+}
+
+
+// mla_decode's operands, results and attributes, shared by the CPU binding (from
+// ffi::Ffi::Bind()) and the CUDA binding (from Bind().Ctx<PlatformStream<...>>()).
+template <typename Binding>
+auto mla_decode_signature(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // q
+      .template Arg<ffi::AnyBuffer>()  // kv_cache
+      .template Arg<ffi::AnyBuffer>()  // block_table
+      .template Arg<ffi::AnyBuffer>()  // cache_seqlens
+      .template Arg<ffi::AnyBuffer>()  // tile_metadata
+      .template Arg<ffi::AnyBuffer>()  // num_splits
+      .template Ret<ffi::AnyBuffer>()  // out
+      .template Ret<ffi::AnyBuffer>()  // lse
+      .template Ret<ffi::AnyBuffer>()  // o_accum (workspace)
+      .template Ret<ffi::AnyBuffer>()  // lse_accum (workspace)
+      .template Attr<float>("softmax_scale")
+      .template Attr<bool>("causal");
 }
 
 }  // namespace ffi_mla

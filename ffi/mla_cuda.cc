@@ -50,19 +50,8 @@ ffi::Error MlaDecodeCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 
 namespace ffi = ::xla::ffi;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfra_mla_decode_cuda, jaxinfra::ffi_mla::MlaDecodeCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // kv_cache
-                                  .Arg<ffi::AnyBuffer>()  // block_table
-                                  .Arg<ffi::AnyBuffer>()  // cache_seqlens
-                                  .Arg<ffi::AnyBuffer>()  // tile_metadata
-                                  .Arg<ffi::AnyBuffer>()  // num_splits
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Ret<ffi::AnyBuffer>()  // o_accum (workspace)
-                                  .Ret<ffi::AnyBuffer>()  // lse_accum (workspace)
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<bool>("causal"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jaxinfra_mla_decode_cuda, jaxinfra::ffi_mla::MlaDecodeCuda,
+    jaxinfra::ffi_mla::mla_decode_signature(
+        ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+    {ffi::Traits::kCmdBufferCompatible});
