@@ -50,6 +50,24 @@ def fails_in_process_one():
   return 0
 
 
+def allowed_cores():
+  import os  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  return {"process": jax.process_index(), "cores": sorted(os.sched_getaffinity(0))}
+
+
+@pytest.mark.multiprocess
+def test_pinned_processes_each_run_on_one_core_of_their_own():
+  import os  # pylint: disable=g-import-not-at-top
+  cores = sorted(os.sched_getaffinity(0))
+  results = run_multiprocess(allowed_cores, num_processes=2, devices_per_process=1,
+                             pin_cores=True)
+  assert [r["process"] for r in results] == [0, 1]
+  assert [r["cores"] for r in results] == [[cores[0]], [cores[1 % len(cores)]]]
+  # Without pinning a worker may use every core this process may.
+  assert run_multiprocess(allowed_cores, num_processes=1, devices_per_process=1)[0]["cores"] == cores
+
+
 @pytest.mark.multiprocess
 def test_all_to_all_two_processes_four_devices_each():
   results = run_multiprocess(all_to_all_across_processes, num_processes=2, devices_per_process=4)

@@ -8,6 +8,7 @@ from jaxinfra import cli
 from jaxinfra.bench import pipeline as bench_pipeline
 
 
+@pytest.mark.multiprocess  # on CPU: one pinned process per stage
 def test_bench_pipeline_rows(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(bench_pipeline, "_SMALL", (16, 8, 4))
   monkeypatch.setattr(bench_pipeline, "_SCHEDULES", ("1f1b", "dualpipev"))
@@ -27,4 +28,16 @@ def test_bench_pipeline_rows(tmp_path, capsys, monkeypatch):
   # 1F1B's simulated makespan from the measured op times: (M + P - 1)(F + B).
   m, p = steps["1f1b"]["chunks"], stages
   assert steps["1f1b"]["simulated_ms"] == pytest.approx((m + p - 1) * (ops["op F"] + ops["op B"]))
-  assert "ranking by simulation" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "ranking by simulation" in out and "ranking by lockstep model" in out
+
+
+def test_rankings_agree_up_to_ties():
+  names = ["a", "b", "c"]
+  predicted = [100.0, 102.0, 150.0]  # a and b within 5%: tied
+  assert bench_pipeline.disagreements(names, [210.0, 200.0, 300.0], predicted) == []
+  assert bench_pipeline.disagreements(names, [200.0, 310.0, 300.0], predicted) == [("b", "c")]
+  assert bench_pipeline.disagreements(names, [200.0, 210.0, 300.0], predicted,
+                                      tolerance=0.0) == []
+  assert bench_pipeline.disagreements(names, [210.0, 200.0, 300.0], predicted,
+                                      tolerance=0.0) == [("a", "b")]

@@ -82,6 +82,18 @@ def _block(tree: Any) -> None:
                          else a, tree)
 
 
+def median_time(fn: Callable, *args, iters: int, warmup: int = 1) -> float:
+  """Median wall time in seconds of ``iters`` calls of ``fn(*args)`` after ``warmup`` calls."""
+  for _ in range(warmup):
+    _block(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    _block(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 class BenchContext:
   """What a benchmark gets: its size, a timer and a place for its rows."""
 
@@ -99,14 +111,7 @@ class BenchContext:
 
   def time(self, fn: Callable, *args, warmup: int = 1) -> float:
     """Median wall time in seconds of ``fn(*args)`` (compiled first, outputs awaited)."""
-    for _ in range(warmup):
-      _block(fn(*args))
-    times = []
-    for _ in range(self.iters):
-      start = time.perf_counter()
-      _block(fn(*args))
-      times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_time(fn, *args, iters=self.iters, warmup=warmup)
 
   def add(self, **row: Any) -> None:
     self.rows.append(row)

@@ -13,17 +13,21 @@ predictions from the measured op times:
   time, so a tick lasts as long as its slowest op (sum over ticks of the max
   op time);
 
-with the schedules' ranks by each. Stages: 8 on accelerators (the devices
-there); on CPU one device per pair of cores up to 8 (2 on a 2-core host), since
-CPU devices share the host's cores and a pipeline of more devices than cores
-measures total work, not bubbles. For steadier CPU numbers give each device one
-thread: ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1"``.
+with the schedules' ranks by each, and whether the measured order is the
+simulated one. Schedules whose simulated step times lie within
+``TIE_TOLERANCE`` of each other count as tied: either order agrees.
+
+Stages: 8 on accelerators (the devices there). On CPU, one stage per core (an
+even number, at most 8; 2 on a 2-core host), each device in a process of its
+own pinned to its own core (``jax.distributed`` on 127.0.0.1, gloo
+collectives): XLA:CPU spreads every op over all the cores a process may use,
+so CPU devices that share a process share its cores and run one after the
+other, and a step of P such devices measures the total work, not the bubbles.
+Each process measures the op times on its own core, as its device runs them.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -33,16 +37,12 @@ import numpy as np
 from jaxinfra import pipeline as pl
 from jaxinfra.bench import _harness
 
-try:  # the pipeline needs several devices; on CPU ask for 8 unless the user chose
-  if jax.config.jax_num_cpu_devices == -1:
-    jax.config.update("jax_num_cpu_devices", 8)
-except RuntimeError:  # backends already started: use the devices there are
-  pass
-
 _SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 # (hidden, tokens per micro-batch, micro-batches)
-_SMALL = (256, 512, 16)
+_SMALL = (1024, 512, 16)
 _FULL = (4096, 4096, 16)
+# Relative difference of simulated step times under which two schedules count as tied.
+TIE_TOLERANCE = 0.05
 
 
 def _stage(p, x):
@@ -53,17 +53,37 @@ def _loss(_, y, target):
   return jnp.mean((y - target) ** 2)
 
 
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _num_stages() -> int:
   if jax.default_backend() != "cpu":
     return max(2, min(8, len(jax.devices()) // 2 * 2))
-  return max(2, min(8, (os.cpu_count() or 2) // 2 * 2))
+  return max(2, min(8, _cores() // 2 * 2))
 
 
-def _stage_times(ctx: _harness.BenchContext, p, x) -> dict[str, float]:
+def _problem(hidden: int, tokens: int, chunks: int, stages: int) -> dict[str, np.ndarray]:
+  """The MLP's stacked stage parameters, inputs and targets (float32, seeded)."""
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+  return {"w1": normal(stages, hidden, 2 * hidden) / np.float32(np.sqrt(hidden)),
+          "w2": normal(stages, 2 * hidden, hidden) / np.float32(np.sqrt(2 * hidden)),
+          "x": normal(chunks * tokens, hidden), "target": normal(chunks * tokens, hidden)}
+
+
+def _forward(p, x):
+  """The stage's output and the residuals the executor stashes (its VJP less the parameters)."""
+  y, vjp = jax.vjp(_stage, p, x)
+  params = {id(leaf) for leaf in jax.tree_util.tree_leaves(p)}
+  return y, [leaf for leaf in jax.tree_util.tree_leaves(vjp) if id(leaf) not in params]
+
+
+def _stage_times(p, x, iters: int) -> dict[str, float]:
   """Seconds of F (forward keeping residuals), B, I (input grad), W, FB on one device."""
   g = jnp.ones_like(x)
-  forward = jax.jit(lambda p, x: jax.vjp(_stage, p, x))
-  _, vjp = forward(p, x)
+  forward = jax.jit(_forward)
+  _, vjp = jax.jit(lambda p, x: jax.vjp(_stage, p, x))(p, x)
 
   @jax.jit
   def full(vjp, g):
@@ -79,11 +99,60 @@ def _stage_times(ctx: _harness.BenchContext, p, x) -> dict[str, float]:
 
   @jax.jit
   def fb(p, x, vjp, g):
-    return jax.vjp(_stage, p, x), vjp(g)
+    return _forward(p, x), vjp(g)
 
-  return {"F": ctx.time(forward, p, x), "B": ctx.time(full, vjp, g),
-          "I": ctx.time(input_grad, vjp, g), "W": ctx.time(weight, vjp, g),
-          "FB": ctx.time(fb, p, x, vjp, g)}
+  time = lambda fn, *args: _harness.median_time(fn, *args, iters=iters)
+  times = {"F": time(forward, p, x), "B": time(full, vjp, g), "I": time(input_grad, vjp, g),
+           "W": time(weight, vjp, g), "FB": time(fb, p, x, vjp, g)}
+  times["W"] = min(times["W"], times["B"])
+  return times
+
+
+def _replicated(mesh: jax.sharding.Mesh, value: np.ndarray) -> jax.Array:
+  """``value`` on every device of ``mesh`` (which may span processes)."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def measure(hidden: int, tokens: int, chunks: int, stages: int, iters: int,
+            schedules: list[str]) -> dict:
+  """This process's measurements: op times and each schedule's step time.
+
+  Runs in every process of the pipeline (one on accelerators; one per pinned
+  CPU core otherwise). A schedule's mesh is the first ``ranks`` devices; a
+  process holding none of them skips it.
+
+  Returns:
+    ``{"times": {op: seconds}, "steps": {schedule: seconds or None}}``.
+  """
+  problem = _problem(hidden, tokens, chunks, stages)
+  local = jax.local_devices()[0]
+  stage0 = {k: jax.device_put(problem[k][0], local) for k in ("w1", "w2")}
+  times = _stage_times(stage0, jax.device_put(problem["x"][:tokens], local), iters)
+  steps: dict[str, float | None] = {}
+  for name in schedules:
+    ranks = stages // 2 if name == "dualpipev" else stages
+    devices = jax.devices()[:ranks]
+    if len(devices) < ranks or not any(d.process_index == jax.process_index() for d in devices):
+      steps[name] = None
+      continue
+    mesh = jax.make_mesh((ranks,), ("pp",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    arrays = {k: _replicated(mesh, v) for k, v in problem.items()}
+    params = {"w1": arrays["w1"], "w2": arrays["w2"]}
+    step = lambda: pl.pipeline_step(_stage, params, arrays["x"], arrays["target"], _loss,
+                                    mesh=mesh, schedule=name, num_chunks=chunks)
+    steps[name] = _harness.median_time(step, iters=iters)
+  return {"times": times, "steps": steps}
+
+
+def _measure_in_pinned_processes(sizes: tuple[int, int, int], stages: int, iters: int,
+                                 schedules: list[str]) -> dict:
+  from jaxinfra.testing import multiprocess  # pylint: disable=g-import-not-at-top
+  results = multiprocess.run_multiprocess(
+      measure, num_processes=stages, devices_per_process=1, pin_cores=True,
+      args=(*sizes, stages, iters, list(schedules)), timeout=3600)
+  return results[0]
 
 
 def _lockstep(schedule: pl.Schedule, times: dict[str, float]) -> float:
@@ -101,38 +170,45 @@ def _ranks(values: list[float]) -> list[int]:
   return ranks
 
 
+def disagreements(names: list[str], measured: list[float], predicted: list[float],
+                  tolerance: float = TIE_TOLERANCE) -> list[tuple[str, str]]:
+  """Pairs ``(a, b)`` predicted faster-slower by more than ``tolerance`` but measured not."""
+  out = []
+  for i, a in enumerate(names):
+    for j, b in enumerate(names):
+      if predicted[i] < predicted[j] * (1 - tolerance) and measured[i] >= measured[j]:
+        out.append((a, b))
+  return out
+
+
 @_harness.register("pipeline", "pipeline schedules: measured vs simulated step time")
 def run(ctx: _harness.BenchContext) -> None:
-  hidden, tokens, chunks = _FULL if ctx.full else _SMALL
-  devices = jax.devices()
+  sizes = _FULL if ctx.full else _SMALL
+  chunks = sizes[2]
   stages = _num_stages()
-  k = jax.random.split(jax.random.key(0), 4)
-  params = {"w1": jax.random.normal(k[0], (stages, hidden, 2 * hidden)) / np.sqrt(hidden),
-            "w2": jax.random.normal(k[1], (stages, 2 * hidden, hidden)) / np.sqrt(2 * hidden)}
-  stage0 = jax.tree_util.tree_map(lambda a: a[0], params)
-  x = jax.random.normal(k[2], (chunks * tokens, hidden))
-  target = jax.random.normal(k[3], (chunks * tokens, hidden))
-  times = _stage_times(ctx, stage0, x[:tokens])
-  times["W"] = min(times["W"], times["B"])
+  schedules = list(_SCHEDULES)
+  if jax.default_backend() == "cpu":
+    with ctx.console.status(f"running {stages} processes, one per core"):
+      found = _measure_in_pinned_processes(sizes, stages, ctx.iters, schedules)
+  else:
+    found = measure(*sizes, stages, ctx.iters, schedules)
+  times = found["times"]
   for op in ("F", "B", "I", "W", "FB"):
     ctx.add(schedule=f"op {op}", ms=times[op] * 1e3)
 
-  cases = [(name, stages // 2 if name == "dualpipev" else stages) for name in _SCHEDULES]
   results = []
-  for name, ranks in ctx.track(cases, "schedules"):
-    if ranks > len(devices):
-      ctx.console.print(f"[yellow]skipping {name}: needs {ranks} devices, have {len(devices)} "
-                        "(on CPU set JAX_NUM_CPU_DEVICES=8)")
+  for name in schedules:
+    ranks = stages // 2 if name == "dualpipev" else stages
+    if found["steps"][name] is None:
+      ctx.console.print(f"[yellow]skipping {name}: needs {ranks} devices")
       continue
-    mesh = jax.make_mesh((ranks,), ("pp",), devices=devices[:ranks],
-                         axis_types=(jax.sharding.AxisType.Explicit,))
-    step = functools.partial(pl.pipeline_step, _stage, params, x, target, _loss, mesh=mesh,
-                             schedule=name, num_chunks=chunks)
-    measured = ctx.time(lambda: step())
     schedule = pl.make_schedule(name, ranks, chunks)
     sim = pl.simulate(schedule, **times)
-    results.append((name, ranks, measured, sim.makespan, _lockstep(schedule, times),
+    results.append((name, ranks, found["steps"][name], sim.makespan, _lockstep(schedule, times),
                     max(sim.peak_activations)))
+  if not results:
+    return
+  names = [r[0] for r in results]
   by_measured = _ranks([r[2] for r in results])
   by_sim = _ranks([r[3] for r in results])
   by_lockstep = _ranks([r[4] for r in results])
@@ -141,13 +217,15 @@ def run(ctx: _harness.BenchContext) -> None:
             simulated_ms=simulated * 1e3, lockstep_ms=lockstep * 1e3,
             rank_measured=by_measured[i], rank_simulated=by_sim[i],
             rank_lockstep=by_lockstep[i], peak_activations=peak)
-  if results:
-    ctx.console.print(
-        f"ranking by measured time: {_order(results, 2)}\n"
-        f"ranking by simulation:    {_order(results, 3)}"
-        f"{'  (same)' if by_measured == by_sim else '  (differs)'}\n"
-        f"ranking by lockstep model: {_order(results, 4)}"
-        f"{'  (same)' if by_measured == by_lockstep else '  (differs)'}")
+  measured = [r[2] for r in results]
+  lines = [f"ranking by measured time:  {_order(results, 2)}"]
+  for label, column in (("simulation", 3), ("lockstep model", 4)):
+    wrong = disagreements(names, measured, [r[column] for r in results])
+    verdict = ("agrees" if not wrong else
+               "differs: " + ", ".join(f"{a} measured no faster than {b}" for a, b in wrong))
+    lines.append(f"ranking by {label + ':':16s} {_order(results, column)}  ({verdict}; "
+                 f"ties within {TIE_TOLERANCE:.0%})")
+  ctx.console.print("\n".join(lines))
 
 
 def _order(results, column: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 
 
@@ -17,7 +18,10 @@ def main() -> None:
   parser.add_argument("--port", type=int, required=True)
   parser.add_argument("--devices", type=int, required=True)
   parser.add_argument("--args", default="[]")
+  parser.add_argument("--core", type=int, default=None)
   args = parser.parse_args()
+  if args.core is not None:  # before jax starts: its thread pools size to the cores allowed
+    os.sched_setaffinity(0, {args.core})
 
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_num_cpu_devices", args.devices)

@@ -62,7 +62,8 @@ def _kill(process: subprocess.Popen) -> None:
 
 def run_multiprocess(fn: Callable[..., Any], *, num_processes: int = 2,
                      devices_per_process: int = 4, args: Sequence[Any] = (),
-                     timeout: float = 180.0, env: dict[str, str] | None = None) -> list[Any]:
+                     timeout: float = 180.0, env: dict[str, str] | None = None,
+                     pin_cores: bool = False) -> list[Any]:
   """Runs ``fn(*args)`` in ``num_processes`` JAX processes; returns their results.
 
   Args:
@@ -73,6 +74,9 @@ def run_multiprocess(fn: Callable[..., Any], *, num_processes: int = 2,
     args: JSON-serializable positional arguments for ``fn``.
     timeout: seconds for the whole run, start-up included.
     env: extra environment variables for the workers.
+    pin_cores: run process ``i`` on one core only (the ``i``-th this process may
+      use, wrapping around), so that each process computes on a core of its
+      own: without it, every XLA:CPU process spreads its ops over all cores.
 
   Returns:
     ``fn``'s return value in each process, by process index.
@@ -84,6 +88,7 @@ def run_multiprocess(fn: Callable[..., Any], *, num_processes: int = 2,
   if source is None or fn.__qualname__ != fn.__name__:
     raise ValueError(f"fn must be a module-level function, got {fn!r}")
   port = free_port()
+  cores = sorted(os.sched_getaffinity(0))
   worker_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   with tempfile.TemporaryDirectory(prefix="jaxinfra-mp-") as tmp:
     processes, logs = [], []
@@ -93,6 +98,8 @@ def run_multiprocess(fn: Callable[..., Any], *, num_processes: int = 2,
                  "--function", fn.__name__, "--process-id", str(rank),
                  "--num-processes", str(num_processes), "--port", str(port),
                  "--devices", str(devices_per_process), "--args", json.dumps(list(args))]
+      if pin_cores:
+        command += ["--core", str(cores[rank % len(cores)])]
       with open(log, "w") as out:
         # cwd=tmp: `python -m` puts the working directory first on sys.path, and
         # a source checkout there would shadow the installed package.
