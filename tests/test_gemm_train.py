@@ -1,13 +1,15 @@
 """jaxinfra.gemm's FP8 training layers: gradients against bf16 and fp32 autodiff
 (calc_diff < 1e-3), the grouped layer against ragged_dot, the NNX modules, a
-300-step MLP run against bf16, shard_map with experts over 8 devices."""
+300-step run of examples/fp8_training.py's MLP against bf16, shard_map with
+experts over 8 devices."""
 
 import functools
+import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -123,49 +125,14 @@ def test_nnx_modules():
   np.testing.assert_array_equal(grads.kernel[...][1], 0)
 
 
-class Bf16Dense(gemm.Fp8Dense):
-  """The baseline: the same parameters, GEMMs in bfloat16 with float32 accumulation."""
-
-  def __call__(self, x):
-    return bf16_linear(x, self.kernel[...]) + self.bias[...].astype(x.dtype)
-
-
-class MLP(nnx.Module):
-
-  def __init__(self, layer, sizes, rngs):
-    self.layers = nnx.List([layer(i, o, rngs=rngs) for i, o in zip(sizes[:-1], sizes[1:])])
-
-  def __call__(self, x):
-    x = x.astype(jnp.bfloat16)
-    for i, layer in enumerate(self.layers):
-      x = layer(x)
-      if i + 1 < len(self.layers):
-        x = jax.nn.gelu(x)
-    return x.astype(jnp.float32)
-
-
-def train(layer, inputs, labels, classes, steps=300, batch=128):
-  """300 Adam steps of a 2-layer MLP classifier; returns the final loss on all data."""
-  model = MLP(layer, (inputs.shape[1], 256, classes), nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.adam(2e-3), wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
-
-  def loss_fn(model, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-  @jax.jit
-  def step(state, x, y):
-    model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), loss
-
-  for i in range(steps):
-    start = (i * batch) % inputs.shape[0]
-    state, loss = step(state, inputs[start:start + batch], labels[start:start + batch])
-    assert np.isfinite(float(loss))
-  model, _ = nnx.merge(graphdef, state)
-  return float(loss_fn(model, inputs, labels))
+def _fp8_training_example():
+  """examples/fp8_training.py as a module: its MLP, bf16 baseline layer and training loop."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                      "fp8_training.py")
+  spec = importlib.util.spec_from_file_location("fp8_training_example", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def test_mlp_trained_300_steps_with_fp8_dense_ends_within_2_percent_of_bf16():
@@ -173,8 +140,11 @@ def test_mlp_trained_300_steps_with_fp8_dense_ends_within_2_percent_of_bf16():
   inputs = normal(0, (1024, 128))
   hidden = jnp.tanh(inputs @ normal(5, (128, 256), 1 / np.sqrt(128)))
   labels = jnp.argmax(hidden @ normal(6, (256, 16), 1 / np.sqrt(256)), axis=1)
-  fp8_loss = train(gemm.Fp8Dense, inputs, labels, 16)
-  bf16_loss = train(Bf16Dense, inputs, labels, 16)
+  # The example's MLP (Fp8Dense or its Bf16Dense layers) and 300 Adam steps, batch 128.
+  example = _fp8_training_example()
+  fp8_loss, fp8_curve = example.train(gemm.Fp8Dense, inputs, labels, steps=300)
+  bf16_loss, bf16_curve = example.train(example.Bf16Dense, inputs, labels, steps=300)
+  assert np.isfinite(fp8_curve).all() and np.isfinite(bf16_curve).all()
   assert fp8_loss < 0.05 * np.log(16) and bf16_loss < 0.05 * np.log(16)   # both learned
   assert abs(fp8_loss - bf16_loss) <= 0.02 * bf16_loss, (fp8_loss, bf16_loss)
 
