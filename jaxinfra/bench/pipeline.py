@@ -19,8 +19,8 @@ simulated one. Schedules whose simulated step times lie within
 
 Stages: 8 on accelerators (the devices there). On CPU, one stage per core (an
 even number, at most 8; 2 on a 2-core host), each device in a process of its
-own pinned to its own core (``jax.distributed`` on 127.0.0.1, gloo
-collectives): XLA:CPU spreads every op over all the cores a process may use,
+own pinned to its own core where the OS allows it (Linux; ``jax.distributed``
+on 127.0.0.1, gloo collectives): XLA:CPU spreads every op over all the cores a process may use,
 so CPU devices that share a process share its cores and run one after the
 other, and a step of P such devices measures the total work, not the bubbles.
 Each process measures the op times on its own core, as its device runs them.
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfra import pipeline as pl
+from jaxinfra.pipeline import executor as pl_executor
 from jaxinfra.bench import _harness
 
 _SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -75,8 +76,7 @@ def _problem(hidden: int, tokens: int, chunks: int, stages: int) -> dict[str, np
 def _forward(p, x):
   """The stage's output and the residuals the executor stashes (its VJP less the parameters)."""
   y, vjp = jax.vjp(_stage, p, x)
-  params = {id(leaf) for leaf in jax.tree_util.tree_leaves(p)}
-  return y, [leaf for leaf in jax.tree_util.tree_leaves(vjp) if id(leaf) not in params]
+  return y, pl_executor.split_residuals(vjp, p)[2]
 
 
 def _stage_times(p, x, iters: int) -> dict[str, float]:
@@ -150,7 +150,8 @@ def _measure_in_pinned_processes(sizes: tuple[int, int, int], stages: int, iters
                                  schedules: list[str]) -> dict:
   from jaxinfra.testing import multiprocess  # pylint: disable=g-import-not-at-top
   results = multiprocess.run_multiprocess(
-      measure, num_processes=stages, devices_per_process=1, pin_cores=True,
+      measure, num_processes=stages, devices_per_process=1,
+      pin_cores=hasattr(os, "sched_setaffinity"),
       args=(*sizes, stages, iters, list(schedules)), timeout=3600)
   return results[0]
 

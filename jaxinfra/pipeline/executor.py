@@ -240,6 +240,23 @@ class _StashUnavailable(Exception):
   """jax.vjp's result does not expose its residuals as arrays on this JAX."""
 
 
+def split_residuals(vjp: Callable, params: Any) -> tuple[Any, list[int | None], list[jax.Array]]:
+  """Splits the function ``jax.vjp(fn, params, x)`` returned into what a stash keeps.
+
+  Returns ``(treedef, param_of, stashed)``: the function's pytree structure;
+  for each of its leaves, the index among ``params``'s leaves of the
+  parameter it is, or ``None``; and the leaves that are not parameters (the
+  residuals to stash). Raises ``_StashUnavailable`` if the function does not
+  flatten into arrays on this JAX.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(vjp)
+  if not leaves or any(not isinstance(leaf, jax.Array) for leaf in leaves):
+    raise _StashUnavailable("jax.vjp's function does not flatten into arrays")
+  ids = {id(leaf): i for i, leaf in enumerate(jax.tree_util.tree_leaves(params))}
+  param_of = [ids.get(id(leaf)) for leaf in leaves]
+  return treedef, param_of, [leaf for leaf, k in zip(leaves, param_of) if k is None]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _run_jit(config: _Config, params: PipelineParams, inputs, labels):
   try:
@@ -447,21 +464,12 @@ class _Device:
 
   # residual stash
 
-  @staticmethod
-  def _split_residuals(vjp, prm):
-    leaves, treedef = jax.tree_util.tree_flatten(vjp)
-    if not leaves or any(not isinstance(leaf, jax.Array) for leaf in leaves):
-      raise _StashUnavailable("jax.vjp's function does not flatten into arrays")
-    ids = {id(leaf): i for i, leaf in enumerate(jax.tree_util.tree_leaves(prm))}
-    param_of = [ids.get(id(leaf)) for leaf in leaves]
-    return treedef, param_of, [leaf for leaf, k in zip(leaves, param_of) if k is None]
-
   def _template(self, kind: _plan.Kind) -> _Template:
     found = {}
     def trace(mb, x):  # traced like a forward branch: dynamic micro-batch, traced input
       fn, prm = self.chunk(kind, mb)
       _, vjp = jax.vjp(fn, prm, x)
-      treedef, param_of, stashed = self._split_residuals(vjp, prm)
+      treedef, param_of, stashed = split_residuals(vjp, prm)
       found["treedef"], found["param_of"] = treedef, param_of
       return stashed
     shapes = jax.eval_shape(trace, jax.ShapeDtypeStruct((), jnp.int32), self.act)
@@ -547,7 +555,7 @@ class _Device:
     kind, dest = fkey
     if vjp is not None:  # stash the residuals
       t = self.templates[kind]
-      _, param_of, stashed = self._split_residuals(vjp, prm)
+      _, param_of, stashed = split_residuals(vjp, prm)
       if param_of != t.param_of or [(a.shape, a.dtype) for a in stashed] != [
           (s.shape, s.dtype) for s in t.stashed]:
         raise ValueError("stage_fn's VJP residuals differ between two traces of the same "

@@ -87,8 +87,10 @@ def run_multiprocess(fn: Callable[..., Any], *, num_processes: int = 2,
   source = inspect.getsourcefile(fn)
   if source is None or fn.__qualname__ != fn.__name__:
     raise ValueError(f"fn must be a module-level function, got {fn!r}")
+  if pin_cores and not hasattr(os, "sched_setaffinity"):
+    raise ValueError("pin_cores=True needs os.sched_setaffinity (Linux)")
+  cores = sorted(os.sched_getaffinity(0)) if pin_cores else []
   port = free_port()
-  cores = sorted(os.sched_getaffinity(0))
   worker_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   with tempfile.TemporaryDirectory(prefix="jaxinfra-mp-") as tmp:
     processes, logs = [], []
